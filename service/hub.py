@@ -1,0 +1,330 @@
+"""Streams: one broadcaster, any number of viewers, and the newest pending frame.
+
+The hub is plain asyncio state driven from the event loop (no locks). Frames flow:
+broadcaster -> `submit` (newest wins; older pending frames are dropped and counted) ->
+`take_batch` (the scheduler) -> `publish_styled` -> every viewer's one-frame mailbox, which a
+slow viewer simply overwrites, so it skips frames and never slows anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.websockets import WebSocket
+
+from service import protocol
+from service.codec import jpeg_data_url
+from service.config import StreamConfig
+from service.metrics import Metrics, RateMeter
+
+log = logging.getLogger("dreamstream.hub")
+
+
+class HubFull(Exception):
+    """Too many streams or viewers; the socket is refused with this message."""
+
+
+@dataclass
+class PendingFrame:
+    data: bytes  # the encoded image as received; its header already checked
+    ts: float  # the broadcaster's ts, or the receive time, in ms since the epoch
+    received: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class OutFrame:
+    """A frame ready for viewers. The JSON text is built once and shared by every viewer."""
+
+    jpeg: bytes
+    seq: int
+    ts: float
+    latency_ms: float
+    _text: str | None = None
+
+    def text(self) -> str:
+        if self._text is None:
+            self._text = json.dumps(
+                {
+                    "type": "frame",
+                    "frame": jpeg_data_url(self.jpeg),
+                    "seq": self.seq,
+                    "ts": self.ts,
+                    "latency_ms": round(self.latency_ms, 1),
+                }
+            )
+        return self._text
+
+
+class Connection:
+    """One socket's outbox: control messages in order, frames through a one-slot mailbox.
+
+    Every send to a socket goes through its pump task, so nothing else ever waits on a slow client.
+    """
+
+    def __init__(self, ws: WebSocket, source: str = "styled", binary: bool = False) -> None:
+        self.ws = ws
+        self.source = source
+        self.binary = binary
+        self.skipped = 0
+        self._control: deque[str] = deque(maxlen=64)
+        self._frame: OutFrame | None = None
+        self._wake = asyncio.Event()
+        self.closed = False
+
+    def send_control(self, message: dict[str, Any]) -> None:
+        self._control.append(json.dumps(message))
+        self._wake.set()
+
+    def offer(self, frame: OutFrame) -> bool:
+        """Put `frame` in the mailbox; True when it replaced one this viewer never got."""
+        replaced = self._frame is not None
+        if replaced:
+            self.skipped += 1
+        self._frame = frame
+        self._wake.set()
+        return replaced
+
+    async def pump(self) -> None:
+        """Send until the socket fails or `close` is called."""
+        while not self.closed:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._control:
+                await self.ws.send_text(self._control.popleft())
+            frame, self._frame = self._frame, None
+            if frame is not None:
+                if self.binary:
+                    await self.ws.send_bytes(frame.jpeg)
+                else:
+                    await self.ws.send_text(frame.text())
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+
+class Stream:
+    def __init__(self, stream_id: str, config: StreamConfig) -> None:
+        self.id = stream_id
+        self.config = config
+        self.config_version = 0
+        self.broadcaster: Connection | None = None
+        self.ever_live = False
+        self.viewers: set[Connection] = set()
+        self.pending: PendingFrame | None = None
+        self.seq = 0
+        self.frames_in = 0
+        self.frames_out = 0
+        self.dropped = 0
+        self.last_latency_ms: float | None = None
+        self.last_accept = 0.0
+        self.in_meter = RateMeter()
+        self.out_meter = RateMeter()
+
+    @property
+    def state(self) -> str:
+        if self.broadcaster is not None:
+            return "live"
+        return "offline" if self.ever_live else "waiting"
+
+    def status_message(self) -> dict[str, Any]:
+        return protocol.status(self.state, len(self.viewers), self.config.to_dict())
+
+    def stats_message(self) -> dict[str, Any]:
+        return protocol.stats(
+            self.in_meter.rate(), self.out_meter.rate(), self.dropped, self.last_latency_ms, len(self.viewers)
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "stream_id": self.id,
+            "state": self.state,
+            "viewers": len(self.viewers),
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "dropped": self.dropped,
+            "fps_in": round(self.in_meter.rate(), 2),
+            "fps_out": round(self.out_meter.rate(), 2),
+            "latency_ms": self.last_latency_ms,
+            "config": self.config.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class Job:
+    """A frame handed to the scheduler, with the config (and its version) it must be styled with."""
+
+    stream: Stream
+    frame: PendingFrame
+    config: StreamConfig
+    version: int
+
+
+class StreamHub:
+    def __init__(
+        self,
+        default_config: StreamConfig,
+        metrics: Metrics,
+        max_streams: int = 100,
+        max_viewers: int = 1000,
+        max_fps: float = 60.0,
+    ) -> None:
+        self.default_config = default_config
+        self.metrics = metrics
+        self.max_streams = max_streams
+        self.max_viewers = max_viewers
+        self.min_interval = 1.0 / max_fps if max_fps > 0 else 0.0
+        self.streams: dict[str, Stream] = {}
+        self._ready: OrderedDict[str, None] = OrderedDict()  # streams with a pending frame, oldest first
+        self._has_work = asyncio.Event()
+
+    # ---- streams, broadcasters, viewers ----------------------------------------------------
+
+    def open(self, stream_id: str) -> Stream:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if len(self.streams) >= self.max_streams:
+                raise HubFull(f"the server already has {self.max_streams} streams (DREAMSTREAM_MAX_STREAMS)")
+            stream = self.streams[stream_id] = Stream(stream_id, self.default_config)
+            self.metrics.streams.set(len(self.streams))
+        return stream
+
+    def _close_if_idle(self, stream: Stream) -> None:
+        if stream.broadcaster is None and not stream.viewers and self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
+            self._ready.pop(stream.id, None)
+            self.metrics.forget_stream(stream.id)
+            self.metrics.streams.set(len(self.streams))
+
+    async def attach_broadcaster(self, stream: Stream, conn: Connection) -> None:
+        old, stream.broadcaster = stream.broadcaster, conn
+        stream.ever_live = True
+        conn.send_control(protocol.ready(stream.id, stream.config.to_dict()))
+        if old is not None:
+            log.info("stream %s: a new broadcaster replaces the old one", stream.id)
+            old.close()
+            try:
+                await old.ws.close(code=4000, reason="replaced by a new broadcaster")
+            except Exception:  # already gone
+                pass
+        else:
+            log.info("stream %s: broadcaster connected", stream.id)
+            self._tell_viewers(stream, stream.status_message())
+
+    def detach_broadcaster(self, stream: Stream, conn: Connection) -> None:
+        conn.close()
+        if stream.broadcaster is not conn:
+            return  # replaced already
+        stream.broadcaster = None
+        stream.pending = None
+        self._ready.pop(stream.id, None)
+        log.info("stream %s: broadcaster left; viewers see it offline", stream.id)
+        self._tell_viewers(stream, stream.status_message())
+        self._close_if_idle(stream)
+
+    def add_viewer(self, stream: Stream, viewer: Connection) -> None:
+        if len(stream.viewers) >= self.max_viewers:
+            raise HubFull(f"stream {stream.id} already has {self.max_viewers} viewers (DREAMSTREAM_MAX_VIEWERS)")
+        stream.viewers.add(viewer)
+        self.metrics.viewers.labels(stream.id).set(len(stream.viewers))
+        viewer.send_control(stream.status_message())
+
+    def remove_viewer(self, stream: Stream, viewer: Connection) -> None:
+        viewer.close()
+        stream.viewers.discard(viewer)
+        self.metrics.viewers.labels(stream.id).set(len(stream.viewers))
+        self._close_if_idle(stream)
+
+    def set_config(self, stream: Stream, changes: dict[str, Any]) -> StreamConfig:
+        """Apply a config change (ValueError if invalid). Frames styled under the old config are never shown."""
+        stream.config = stream.config.updated(changes)
+        stream.config_version += 1
+        log.info("stream %s: config %s", stream.id, {k: stream.config.to_dict()[k] for k in changes})
+        self._tell_viewers(stream, stream.status_message())
+        return stream.config
+
+    def tell_broadcaster(self, stream: Stream, message: dict[str, Any]) -> None:
+        if message.get("type") == "error":
+            self.metrics.errors.labels(message["code"]).inc()
+        if stream.broadcaster is not None:
+            stream.broadcaster.send_control(message)
+
+    def _tell_viewers(self, stream: Stream, message: dict[str, Any]) -> None:
+        for viewer in stream.viewers:
+            viewer.send_control(message)
+
+    # ---- frames ----------------------------------------------------------------------------
+
+    def submit(self, stream: Stream, data: bytes, ts: float | None) -> bool:
+        """Make `data` the stream's newest frame. False when over the fps limit (dropped, counted)."""
+        now = time.monotonic()
+        stream.frames_in += 1
+        stream.in_meter.tick(now)
+        self.metrics.frames_in.labels(stream.id).inc()
+        if self.min_interval and now - stream.last_accept < self.min_interval * 0.9:
+            self._drop(stream, "rate_limited")
+            return False
+        stream.last_accept = now
+        if stream.pending is not None:
+            self._drop(stream, "superseded")
+        stream.pending = PendingFrame(data, ts if ts is not None else protocol.now_ms(), now)
+        self._ready[stream.id] = None
+        self._has_work.set()
+        return True
+
+    def _drop(self, stream: Stream, reason: str) -> None:
+        stream.dropped += 1
+        self.metrics.frames_dropped.labels(stream.id, reason).inc()
+
+    async def wait_for_work(self) -> None:
+        await self._has_work.wait()
+
+    def take_batch(self, max_frames: int) -> list[Job]:
+        """The newest frame of up to `max_frames` streams, longest-waiting streams first."""
+        jobs: list[Job] = []
+        while self._ready and len(jobs) < max_frames:
+            stream_id, _ = self._ready.popitem(last=False)
+            stream = self.streams.get(stream_id)
+            if stream is None or stream.pending is None:
+                continue
+            jobs.append(Job(stream, stream.pending, stream.config, stream.config_version))
+            stream.pending = None
+        if not self._ready:
+            self._has_work.clear()
+        return jobs
+
+    def publish_original(self, stream: Stream, jpeg: bytes, ts: float) -> None:
+        viewers = [v for v in stream.viewers if v.source == "original"]
+        if viewers:
+            frame = OutFrame(jpeg, stream.frames_in, ts, 0.0)
+            self._offer(stream, viewers, frame)
+
+    def publish_styled(self, job: Job, jpeg: bytes) -> None:
+        stream = job.stream
+        if job.version != stream.config_version or self.streams.get(stream.id) is not stream:
+            self._drop(stream, "stale")  # styled with a config the stream no longer has
+            return
+        now = time.monotonic()
+        latency_ms = (now - job.frame.received) * 1000.0
+        stream.seq += 1
+        stream.frames_out += 1
+        stream.last_latency_ms = latency_ms
+        stream.out_meter.tick(now)
+        self.metrics.frames_out.labels(stream.id).inc()
+        self.metrics.latency.observe(latency_ms / 1000.0)
+        frame = OutFrame(jpeg, stream.seq, job.frame.ts, latency_ms)
+        self._offer(stream, [v for v in stream.viewers if v.source == "styled"], frame)
+
+    def _offer(self, stream: Stream, viewers: list[Connection], frame: OutFrame) -> None:
+        skipped = sum(viewer.offer(frame) for viewer in viewers)
+        if skipped:
+            self.metrics.viewer_skipped.labels(stream.id).inc(skipped)
+
+    def viewer_count(self) -> int:
+        return sum(len(s.viewers) for s in self.streams.values())

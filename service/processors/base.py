@@ -1,0 +1,96 @@
+"""What every processor is: frames in, styled frames out, for one stream or a batch of several."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from service.codec import pil_to_rgb, rgb_to_pil
+
+log = logging.getLogger("dreamstream.processors")
+
+
+@dataclass(frozen=True)
+class FrameRequest:
+    """One frame of one stream with that stream's own settings. A batch mixes streams freely."""
+
+    image: np.ndarray  # RGB uint8, (H, W, 3)
+    prompt: str
+    strength: float = 0.7
+    num_steps: int = 25
+    seed: int = 42
+    use_controlnet: bool = True
+
+
+class Processor(ABC):
+    """Base of the filter, standard and lightning processors.
+
+    Not thread-safe: the server gives each processor to one worker thread.
+    """
+
+    name: str = "base"
+    default_steps: int = 1
+
+    def __init__(
+        self,
+        style_prompt: str = "Van Gogh style painting",
+        strength: float = 0.7,
+        num_steps: int | None = None,
+        use_controlnet: bool = True,
+        seed: int = 42,
+    ) -> None:
+        if not isinstance(style_prompt, str):
+            raise ValueError("style_prompt must be a string")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+        num_steps = self.default_steps if num_steps is None else num_steps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        self.check_steps(num_steps)
+        self.style_prompt = style_prompt
+        self.strength = float(strength)
+        self.num_steps = num_steps
+        self.use_controlnet = bool(use_controlnet)
+        self.seed = int(seed)
+        self.device = "cpu"
+
+    def check_steps(self, num_steps: int) -> None:
+        """Raise ValueError for a step count this processor cannot run."""
+
+    def request(self, image: np.ndarray, prompt: str | None = None) -> FrameRequest:
+        return FrameRequest(
+            image=image,
+            prompt=self.style_prompt if prompt is None else prompt,
+            strength=self.strength,
+            num_steps=self.num_steps,
+            seed=self.seed,
+            use_controlnet=self.use_controlnet,
+        )
+
+    def process(self, image: Image.Image, prompt: str | None = None) -> Image.Image:
+        """Restyle one PIL image with this processor's own settings."""
+        return rgb_to_pil(self.process_batch([self.request(pil_to_rgb(image), prompt)])[0])
+
+    @abstractmethod
+    def process_batch(self, requests: list[FrameRequest]) -> list[np.ndarray]:
+        """Restyle several frames (possibly of different streams) at once; same order out."""
+
+    def warmup(self) -> None:
+        """Do slow one-off work (compilation, first CUDA launch) before the first viewer waits on it."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"processor": self.name, "device": self.device}
+
+
+class IdentityProcessor(Processor):
+    """Returns frames untouched: for relay benchmarks and tests of the plumbing."""
+
+    name = "identity"
+
+    def process_batch(self, requests: list[FrameRequest]) -> list[np.ndarray]:
+        return [r.image for r in requests]
