@@ -123,7 +123,8 @@ class Stream:
         self.frames_out = 0
         self.dropped = 0
         self.last_latency_ms: float | None = None
-        self.last_accept = 0.0
+        self.tokens = 0.0  # fps limit: a token bucket, refilled at max_fps, holding up to a short burst
+        self.tokens_at = 0.0
         self.in_meter = RateMeter()
         self.out_meter = RateMeter()
 
@@ -179,7 +180,8 @@ class StreamHub:
         self.metrics = metrics
         self.max_streams = max_streams
         self.max_viewers = max_viewers
-        self.min_interval = 1.0 / max_fps if max_fps > 0 else 0.0
+        self.max_fps = max_fps
+        self.burst = max(2.0, max_fps / 4)
         self.streams: dict[str, Stream] = {}
         self._ready: OrderedDict[str, None] = OrderedDict()  # streams with a pending frame, oldest first
         self._has_work = asyncio.Event()
@@ -192,6 +194,7 @@ class StreamHub:
             if len(self.streams) >= self.max_streams:
                 raise HubFull(f"the server already has {self.max_streams} streams (DREAMSTREAM_MAX_STREAMS)")
             stream = self.streams[stream_id] = Stream(stream_id, self.default_config)
+            stream.tokens, stream.tokens_at = self.burst, time.monotonic()
             self.metrics.streams.set(len(self.streams))
         return stream
 
@@ -267,10 +270,13 @@ class StreamHub:
         stream.frames_in += 1
         stream.in_meter.tick(now)
         self.metrics.frames_in.labels(stream.id).inc()
-        if self.min_interval and now - stream.last_accept < self.min_interval * 0.9:
-            self._drop(stream, "rate_limited")
-            return False
-        stream.last_accept = now
+        if self.max_fps > 0:
+            stream.tokens = min(self.burst, stream.tokens + (now - stream.tokens_at) * self.max_fps)
+            stream.tokens_at = now
+            if stream.tokens < 1.0:
+                self._drop(stream, "rate_limited")
+                return False
+            stream.tokens -= 1.0
         if stream.pending is not None:
             self._drop(stream, "superseded")
         stream.pending = PendingFrame(data, ts if ts is not None else protocol.now_ms(), now)

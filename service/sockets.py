@@ -1,0 +1,151 @@
+"""The two WebSocket endpoints: broadcaster (frames and config in) and viewer (frames out)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from service import auth, codec, protocol
+from service.config import valid_stream_id
+from service.hub import Connection, HubFull, Stream
+
+if TYPE_CHECKING:
+    from service.app import DreamStream
+
+log = logging.getLogger("dreamstream.sockets")
+
+POLICY_VIOLATION = 1008
+
+
+async def refuse(ws: WebSocket, reason: str) -> None:
+    """Accept, then close with 1008, so every client sees the code and the reason (not a bare HTTP 403)."""
+    await ws.accept()
+    await ws.close(code=POLICY_VIOLATION, reason=reason[:120])
+
+
+def _ds(ws: WebSocket) -> DreamStream:
+    return ws.app.state.dreamstream
+
+
+async def _run_until_either(*coros) -> None:
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def broadcaster_socket(ws: WebSocket, stream_id: str) -> None:
+    ds = _ds(ws)
+    settings = ds.settings
+    if not valid_stream_id(stream_id):
+        return await refuse(ws, "stream id must be 1-64 characters of A-Z a-z 0-9 _ -")
+    if not auth.origin_allowed(settings, ws.headers.get("origin")):
+        return await refuse(ws, "origin not allowed")
+    if not auth.broadcaster_allowed(settings, stream_id, ws.query_params.get("key")):
+        log.warning("stream %s: broadcaster refused: missing or wrong stream key", stream_id)
+        return await refuse(ws, "missing or wrong stream key")
+    try:
+        stream = ds.hub.open(stream_id)
+    except HubFull as exc:
+        return await refuse(ws, str(exc))
+    await ws.accept()
+    conn = Connection(ws)
+    await ds.hub.attach_broadcaster(stream, conn)
+    try:
+        await _run_until_either(conn.pump(), _receive_broadcasts(ds, stream, ws), _send_stats(stream, conn))
+    finally:
+        ds.hub.detach_broadcaster(stream, conn)
+
+
+async def _send_stats(stream: Stream, conn: Connection) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        conn.send_control(stream.stats_message())
+
+
+async def _receive_broadcasts(ds: DreamStream, stream: Stream, ws: WebSocket) -> None:
+    max_bytes = ds.settings.max_frame_bytes
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if stream.broadcaster is None or stream.broadcaster.ws is not ws:
+            return  # replaced by a newer broadcaster
+        try:
+            if message.get("bytes") is not None:
+                await accept_frame(ds, stream, message["bytes"], None)
+                continue
+            parsed = protocol.parse_text(message.get("text") or "", max_bytes)
+            if isinstance(parsed, protocol.FrameMessage):
+                await accept_frame(ds, stream, parsed.data, parsed.ts)
+            elif isinstance(parsed, protocol.ConfigMessage):
+                try:
+                    config = ds.hub.set_config(stream, parsed.changes)
+                except ValueError as exc:
+                    raise protocol.ProtocolError("bad_config", str(exc)) from None
+                ds.hub.tell_broadcaster(stream, protocol.config_reply(config.to_dict()))
+            else:
+                ds.hub.tell_broadcaster(stream, protocol.pong())
+        except protocol.ProtocolError as exc:
+            ds.hub.tell_broadcaster(stream, protocol.error(exc.code, exc.message))
+
+
+async def accept_frame(ds: DreamStream, stream: Stream, data: bytes, ts: float | None) -> None:
+    """Check the frame's header against the limits, make it the newest, and show it to `source=original` viewers."""
+    try:
+        info = codec.probe(data, ds.settings.max_frame_bytes, ds.settings.max_frame_side)
+    except codec.FrameError as exc:
+        raise protocol.ProtocolError(exc.code, exc.message) from None
+    ts = ts if ts is not None else protocol.now_ms()
+    if not ds.hub.submit(stream, data, ts):
+        return
+    if any(v.source == "original" for v in stream.viewers):
+        try:
+            jpeg = data if info.format == "jpeg" else await asyncio.to_thread(codec.to_jpeg, data, info)
+        except codec.FrameError as exc:
+            raise protocol.ProtocolError(exc.code, exc.message) from None
+        ds.hub.publish_original(stream, jpeg, ts)
+
+
+async def viewer_socket(ws: WebSocket, stream_id: str) -> None:
+    ds = _ds(ws)
+    query = ws.query_params
+    if not valid_stream_id(stream_id):
+        return await refuse(ws, "stream id must be 1-64 characters of A-Z a-z 0-9 _ -")
+    if not auth.viewer_allowed(ds.settings, query.get("token")):
+        log.warning("stream %s: viewer refused: missing or wrong token", stream_id)
+        return await refuse(ws, "missing or wrong viewer token")
+    source = query.get("source", "styled")
+    fmt = query.get("format", "json")
+    if source not in ("styled", "original") or fmt not in ("json", "binary"):
+        return await refuse(ws, "source must be styled or original; format must be json or binary")
+    try:
+        stream = ds.hub.open(stream_id)
+        conn = Connection(ws, source=source, binary=fmt == "binary")
+        ds.hub.add_viewer(stream, conn)
+    except HubFull as exc:
+        return await refuse(ws, str(exc))
+    await ws.accept()
+    try:
+        await _run_until_either(conn.pump(), _drain(conn))
+    finally:
+        ds.hub.remove_viewer(stream, conn)
+
+
+async def _drain(conn: Connection) -> None:
+    """Viewers have nothing to say; read until they leave (and answer pings)."""
+    try:
+        while True:
+            message = await conn.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("text") and '"ping"' in message["text"]:
+                conn.send_control(protocol.pong())
+    except WebSocketDisconnect:
+        return
