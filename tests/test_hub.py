@@ -1,0 +1,73 @@
+"""The hub and scheduler driven directly, without a server: the rules a socket test can't pin down exactly."""
+
+from __future__ import annotations
+
+import asyncio
+
+from service.config import StreamConfig
+from service.hub import Connection, StreamHub
+from service.metrics import Metrics
+
+
+class FakeSocket:
+    """Stands in for a socket only where the hub needs an object to hold; nothing is sent through it."""
+
+
+def make_hub(**kwargs) -> StreamHub:
+    return StreamHub(StreamConfig(processor_type="identity", num_steps=1), Metrics(), **kwargs)
+
+
+def test_frames_styled_with_an_old_config_are_never_shown():
+    async def main():
+        hub = make_hub(max_fps=0)
+        stream = hub.open("s")
+        viewer = Connection(FakeSocket())
+        hub.add_viewer(stream, viewer)
+        hub.submit(stream, b"frame-1", 1.0)
+        [job] = hub.take_batch(8)
+        hub.set_config(stream, {"prompt": "new style"})  # arrives while frame 1 is being styled
+        hub.publish_styled(job, b"styled-with-old-prompt")
+        assert viewer._frame is None
+        assert stream.dropped == 1
+        hub.submit(stream, b"frame-2", 2.0)
+        [job] = hub.take_batch(8)
+        assert job.config.prompt == "new style"
+        hub.publish_styled(job, b"styled-with-new-prompt")
+        assert viewer._frame.jpeg == b"styled-with-new-prompt"
+
+    asyncio.run(main())
+
+
+def test_newest_frame_wins_and_batches_take_one_frame_per_stream_fairly():
+    async def main():
+        hub = make_hub(max_fps=0)
+        streams = [hub.open(f"s{i}") for i in range(3)]
+        for i, stream in enumerate(streams):
+            for n in range(5):
+                hub.submit(stream, f"{i}-{n}".encode(), float(n))
+        batch = hub.take_batch(2)
+        assert [j.frame.data for j in batch] == [b"0-4", b"1-4"]
+        assert [s.dropped for s in streams] == [4, 4, 4]
+        hub.submit(streams[0], b"0-5", 5.0)
+        assert [j.frame.data for j in hub.take_batch(8)] == [b"2-4", b"0-5"]  # longest-waiting first
+        assert hub.take_batch(8) == []
+
+    asyncio.run(main())
+
+
+def test_fps_limit_drops_the_excess():
+    async def main():
+        hub = make_hub(max_fps=10)
+        stream = hub.open("s")
+        accepted = sum(hub.submit(stream, b"x", None) for _ in range(50))  # a burst far above 10 fps
+        assert accepted == int(hub.burst)
+        assert stream.dropped == 50 - 1  # all but the one still pending: rate-limited or superseded
+
+    asyncio.run(main())
+
+
+def test_switching_processor_takes_its_default_steps():
+    cfg = StreamConfig(processor_type="filter", num_steps=2)
+    assert cfg.updated({"processor_type": "standard"}).num_steps == 25
+    assert cfg.updated({"processor_type": "lightning"}).num_steps == 4
+    assert cfg.updated({"processor_type": "lightning", "num_steps": 8}).num_steps == 8
