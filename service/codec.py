@@ -31,6 +31,10 @@ class FrameError(ValueError):
         self.code = code
         self.message = message
 
+    def __reduce__(self) -> tuple[type[FrameError], tuple[str, str]]:
+        """Pickle by (code, message): a FrameError comes back from the Modal GPU pool as a return value."""
+        return type(self), (self.code, self.message)
+
 
 @dataclass(frozen=True)
 class FrameInfo:
