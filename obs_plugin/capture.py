@@ -80,8 +80,9 @@ class CaptureOptions:
 class Capturer(threading.Thread):
     """Connects to OBS (again and again, with backoff), checks the source once, then captures.
 
-    Fatal problems (wrong password, missing source at start, feedback loop, no browser_source)
-    are stored in `fatal` and reported through `on_exit`; everything else is retried.
+    `on_ready` fires once the first connection passed the checks. Fatal problems (wrong password,
+    missing source at start, feedback loop, no browser_source) are stored in `fatal` and reported
+    through `on_exit`; everything else is retried.
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class Capturer(threading.Thread):
         mailbox: Mailbox,
         stats: Stats,
         link_up: threading.Event,
+        on_ready: Callable[[], None],
         on_exit: Callable[[], None],
     ):
         super().__init__(name="obs-capture", daemon=True)
@@ -97,6 +99,7 @@ class Capturer(threading.Thread):
         self.mailbox = mailbox
         self.stats = stats
         self.link_up = link_up
+        self.on_ready = on_ready
         self.on_exit = on_exit
         self.stop_event = threading.Event()
         self.fatal: BaseException | None = None
@@ -160,6 +163,7 @@ class Capturer(threading.Thread):
             check_no_feedback(conn, name, is_scene)
             log.info("capturing %s %r at %g fps, %d px wide", "scene" if is_scene else "input", name, opts.fps,
                      opts.width)
+            self.on_ready()
             return True
         name, _ = self._source
         try:
@@ -170,6 +174,7 @@ class Capturer(threading.Thread):
                             f"waiting for source {name!r}")
             return False
         check_no_feedback(conn, *self._source)
+        log.info("capturing %r again", name)
         return True
 
     def _capture(self, conn: ObsConnection) -> None:

@@ -113,16 +113,20 @@ async def _run(options: CaptureOptions, url: str, safe_url: str) -> int:
     mailbox = Mailbox(stats)
     mailbox.bind(loop)
     link_up = threading.Event()
-    capturer = Capturer(options, mailbox, stats, link_up, on_exit=lambda: loop.call_soon_threadsafe(stop.set))
+    obs_ready = asyncio.Event()
+    capturer = Capturer(
+        options, mailbox, stats, link_up,
+        on_ready=lambda: loop.call_soon_threadsafe(obs_ready.set),
+        on_exit=lambda: loop.call_soon_threadsafe(stop.set),
+    )
     link = ServerLink(url, safe_url, mailbox, stats, link_up)
     if options.overlay_url:
         log.info("overlay URL for an OBS Browser Source: %s", redact(options.overlay_url))
-    log.info("streaming to %s; Ctrl+C stops", safe_url)
 
     capturer.start()
-    link_task = asyncio.create_task(link.run())
-    link_task.add_done_callback(lambda _: stop.set())
     status_task = asyncio.create_task(_print_status(stats))
+    link_task = asyncio.create_task(_link_after(obs_ready, link, safe_url))
+    link_task.add_done_callback(lambda _: stop.set())
     try:
         await stop.wait()
     finally:
@@ -133,6 +137,15 @@ async def _run(options: CaptureOptions, url: str, safe_url: str) -> int:
         await asyncio.gather(status_task, link_task, return_exceptions=True)
         await asyncio.to_thread(capturer.join, 2.0)
     return _exit_code(capturer, link_task)
+
+
+async def _link_after(obs_ready: asyncio.Event, link: ServerLink, safe_url: str) -> None:
+    """Open the broadcaster socket only once OBS passed the checks: a companion about to stop on a
+    typo must not take the stream over from a broadcaster that is already live (close 4000).
+    """
+    await obs_ready.wait()
+    log.info("streaming to %s; Ctrl+C stops", safe_url)
+    await link.run()
 
 
 def _exit_code(capturer: Capturer, link_task: asyncio.Task) -> int:

@@ -55,13 +55,14 @@ def install_overlay(conn: ObsConnection, url: str, scene: str | None) -> str:
     kinds = conn.request("GetInputKindList", {"unversioned": True}).get("inputKinds", [])
     if BROWSER_SOURCE_KIND not in kinds:
         raise BrowserSourceMissing(
-            f"this OBS has no Browser Source (input kind {BROWSER_SOURCE_KIND!r} is not among "
-            f"{', '.join(kinds) or 'its input kinds'}), so --install-overlay cannot add the overlay. "
+            f"this OBS has no Browser Source (GetInputKindList lacks {BROWSER_SOURCE_KIND!r}), so "
+            "--install-overlay cannot add the overlay. "
             + INSTALL_BROWSER_SOURCE
         )
     scene = scene or program_scene(conn)
-    if scene not in scene_names(conn):
-        raise ObsFatal(f"--overlay-scene {scene!r} is not a scene in OBS; it has {', '.join(map(repr, scene_names(conn)))}")
+    scenes = scene_names(conn)
+    if scene not in scenes:
+        raise ObsFatal(f"--overlay-scene {scene!r} is not a scene in OBS; it has {', '.join(map(repr, scenes))}")
     video = conn.request("GetVideoSettings")
     settings = {"url": url, "width": int(video["baseWidth"]), "height": int(video["baseHeight"])}
 
@@ -113,4 +114,6 @@ def _ensure_in_scene(conn: ObsConnection, scene: str) -> None:
     except ObsRequestError as exc:
         if exc.code != STATUS_RESOURCE_NOT_FOUND:
             raise
-        conn.request("CreateSceneItem", {"sceneName": scene, "sourceName": OVERLAY_INPUT_NAME, "sceneItemEnabled": True})
+        conn.request(
+            "CreateSceneItem", {"sceneName": scene, "sourceName": OVERLAY_INPUT_NAME, "sceneItemEnabled": True}
+        )

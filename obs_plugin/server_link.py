@@ -24,6 +24,8 @@ from obs_plugin.status import Stats
 
 log = logging.getLogger("dreamstream.obs")
 
+CLOSE_MEANINGS = {1000: "closed", 1001: "going away", 1006: "connection dropped", 1011: "server error",
+                  1012: "server restarting"}
 CLOSE_POLICY_VIOLATION = 1008  # the server refused us: bad stream id or stream key
 CLOSE_REPLACED = 4000  # another broadcaster took this stream over
 _ERROR_LOG_EVERY_S = 10.0
@@ -111,9 +113,10 @@ class ServerLink:
             raise LinkEnded(
                 f"another broadcaster took over this stream ({self.safe_url}, close {code}); stopping so the two "
                 "do not keep replacing each other", 3) from None
-        shown = code if code is not None else "no close frame"
-        self._set_state(f"lost {shown}", f"lost the server connection ({shown}{': ' + reason if reason else ''}); "
-                        "reconnecting", logging.WARNING, "reconnecting")
+        meaning = reason or CLOSE_MEANINGS.get(code or 0, "no reason given")
+        shown = f"close {code}: {meaning}" if code else "connection dropped"
+        self._set_state(f"lost {shown}", f"lost the server connection ({shown}); reconnecting", logging.WARNING,
+                        "reconnecting")
 
     async def _session(self, ws: ClientConnection) -> None:
         self.mailbox.take()  # a capture made before this connection is stale by now
@@ -128,6 +131,7 @@ class ServerLink:
             raise ConnectionClosed(ws.close_rcvd, ws.close_sent)  # the server closed cleanly
         finally:
             self.link_up.clear()
+            self.stats.on_server_stats({})  # the last numbers are from a session that is gone
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
