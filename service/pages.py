@@ -1,6 +1,10 @@
 """HTML pages: the studio, the viewer and the OBS overlays, rendered from Jinja templates in `overlays/`.
 
-Query values reach templates only through Jinja's autoescape and `tojson`, never raw into a script.
+Every query value is checked here, before a template sees it. Values reach the page's JavaScript only
+as one JSON block (`{{ client|tojson }}` inside `<script type="application/json">`), never raw into a
+script, and a Content-Security-Policy that allows only our own script files makes any markup that did
+slip through inert. A bad overlay option answers a readable 400 page: in an OBS source that error is
+visible at once, where a silent fallback would hide the typo.
 """
 
 from __future__ import annotations
@@ -10,67 +14,168 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from service.config import valid_stream_id
+from service.config import PROCESSOR_TYPES, valid_stream_id
 
 if TYPE_CHECKING:
     from service.app import DreamStream
 
 OVERLAYS_DIR = Path(os.environ.get("DREAMSTREAM_OVERLAYS_DIR", Path(__file__).resolve().parent.parent / "overlays"))
 
+FITS = ("cover", "contain", "fill")
+MAX_FADE_MS = 10_000
+MAX_TOKEN_CHARS = 512
+STREAM_ID_RULE = "1-64 characters of A-Z a-z 0-9 _ -"
 
-def _page_context(ds: DreamStream, request: Request, **extra: Any) -> dict[str, Any]:
+# Our own scripts only; styles may be inline because OBS injects a browser source's "Custom CSS" as a
+# <style> element. connect-src names ws:/wss: because older Chromium (OBS's CEF) does not match
+# same-origin WebSockets with 'self'.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data: blob:; media-src 'self' blob: mediastream:; connect-src 'self' ws: wss:; "
+        "worker-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # overlay URLs may carry a viewer token
+    "Cache-Control": "no-store",
+}
+
+
+class RevalidatedStaticFiles(StaticFiles):
+    """Static files the browser must revalidate (a cheap 304): an OBS source never reloads by itself,
+    so a heuristically cached old script could outlive a server upgrade."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
+class BadQuery(ValueError):
+    """A query value we refuse; its message says what is allowed."""
+
+
+def _flag(request: Request, name: str) -> bool:
+    raw = request.query_params.get(name, "0").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    raise BadQuery(f"{name} must be 1 or 0, got {raw[:40]!r}")
+
+
+def _fit(request: Request, default: str) -> str:
+    fit = request.query_params.get("fit", default)
+    if fit not in FITS:
+        raise BadQuery(f"fit must be cover, contain or fill, got {fit[:40]!r}")
+    return fit
+
+
+def _fade_ms(request: Request) -> int:
+    raw = request.query_params.get("fade", "0").strip()
+    if not raw.isdigit() or int(raw) > MAX_FADE_MS:
+        raise BadQuery(f"fade must be a whole number of milliseconds from 0 to {MAX_FADE_MS}, got {raw[:40]!r}")
+    return int(raw)
+
+
+def _token(request: Request) -> str:
+    token = request.query_params.get("token", "")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise BadQuery(f"token must be at most {MAX_TOKEN_CHARS} characters")
+    return token
+
+
+def _stream_id(stream_id: str) -> str:
+    if not valid_stream_id(stream_id):
+        raise BadQuery(f"stream id must be {STREAM_ID_RULE}, got {stream_id[:70]!r}")
+    return stream_id
+
+
+def _server_info(ds: DreamStream) -> dict[str, Any]:
+    """What the pages show about the processor: which one, on what device, and why it was chosen."""
     info = ds.backend.describe()
+    health = ds.health()
     return {
-        "request": request,
         "processor": info["processor"],
         "device": info["device"],
         "reason": info["reason"],
+        "status": health["status"],
+        "error": health.get("error"),
         "config": ds.default_config.to_dict(),
-        **extra,
+        "processors": list(PROCESSOR_TYPES),
+        "needs_key": ds.settings.keys_enabled,
+        "needs_token": ds.settings.viewer_token is not None,
     }
 
 
 def register_pages(app: FastAPI, ds: DreamStream) -> None:
     templates = Jinja2Templates(directory=str(OVERLAYS_DIR / "templates"))
-    app.mount("/static", StaticFiles(directory=str(OVERLAYS_DIR / "static")), name="static")
+    app.mount("/static", RevalidatedStaticFiles(directory=str(OVERLAYS_DIR / "static")), name="static")
 
-    def bad_stream(stream_id: str) -> HTMLResponse | None:
-        if valid_stream_id(stream_id):
-            return None
-        return HTMLResponse("stream id must be 1-64 characters of A-Z a-z 0-9 _ -", status_code=400)
+    def render(request: Request, name: str, client: dict[str, Any], status: int = 200) -> HTMLResponse:
+        """`client` is everything the page's script may read; the template gets it whole and as fields."""
+        response = templates.TemplateResponse(request, name, {"client": client, **client}, status_code=status)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    def refuse(request: Request, exc: BadQuery) -> HTMLResponse:
+        return render(request, "error.html", {"message": str(exc), "path": request.url.path}, status=400)
 
     @app.get("/", response_class=HTMLResponse)
-    async def studio(request: Request, stream: str = "main", autostart: int = 0) -> HTMLResponse:
+    async def studio(request: Request) -> HTMLResponse:
+        stream = request.query_params.get("stream", "main")
+        notice = None
         if not valid_stream_id(stream):
+            notice = f"stream id {stream[:70]!r} is not valid ({STREAM_ID_RULE}); using 'main'"
             stream = "main"
-        ctx = _page_context(ds, request, stream_id=stream, autostart=bool(autostart))
-        return templates.TemplateResponse(request, "studio.html", ctx)
+        try:
+            autostart = _flag(request, "autostart")
+        except BadQuery as exc:
+            notice, autostart = str(exc), False
+        client = {"page": "studio", "stream_id": stream, "autostart": autostart, "notice": notice, **_server_info(ds)}
+        return render(request, "studio.html", client)
 
     @app.get("/view/{stream_id}", response_class=HTMLResponse)
     async def viewer(request: Request, stream_id: str) -> HTMLResponse:
-        if (bad := bad_stream(stream_id)) is not None:
-            return bad
-        return templates.TemplateResponse(request, "viewer.html", _page_context(ds, request, stream_id=stream_id))
+        try:
+            client = {
+                "page": "viewer",
+                "stream_id": _stream_id(stream_id),
+                "fit": _fit(request, "contain"),
+                "token": _token(request),
+            }
+        except BadQuery as exc:
+            return refuse(request, exc)
+        return render(request, "viewer.html", client)
 
     @app.get("/overlay/{stream_id}", response_class=HTMLResponse)
-    async def overlay(
-        request: Request, stream_id: str, fit: str = "cover", fade: int = 0, debug: int = 0, token: str = ""
-    ) -> HTMLResponse:
-        if (bad := bad_stream(stream_id)) is not None:
-            return bad
-        fit = fit if fit in ("cover", "contain", "fill") else "cover"
-        ctx = _page_context(
-            ds, request, stream_id=stream_id, fit=fit, fade=max(0, min(fade, 5000)), debug=bool(debug), token=token
-        )
-        return templates.TemplateResponse(request, "overlay.html", ctx)
+    async def overlay(request: Request, stream_id: str) -> HTMLResponse:
+        try:
+            client = {
+                "page": "overlay",
+                "stream_id": _stream_id(stream_id),
+                "fit": _fit(request, "cover"),
+                "fade_ms": _fade_ms(request),
+                "debug": _flag(request, "debug"),
+                "token": _token(request),
+            }
+        except BadQuery as exc:
+            return refuse(request, exc)
+        return render(request, "overlay.html", client)
 
     @app.get("/overlay/{stream_id}/compare", response_class=HTMLResponse)
-    async def compare(request: Request, stream_id: str, token: str = "", debug: int = 0) -> HTMLResponse:
-        if (bad := bad_stream(stream_id)) is not None:
-            return bad
-        ctx = _page_context(ds, request, stream_id=stream_id, token=token, debug=bool(debug))
-        return templates.TemplateResponse(request, "compare.html", ctx)
+    async def compare(request: Request, stream_id: str) -> HTMLResponse:
+        try:
+            client = {
+                "page": "compare",
+                "stream_id": _stream_id(stream_id),
+                "debug": _flag(request, "debug"),
+                "token": _token(request),
+            }
+        except BadQuery as exc:
+            return refuse(request, exc)
+        return render(request, "compare.html", client)

@@ -1,0 +1,477 @@
+// The studio: camera or screen -> canvas -> JPEG -> /ws/broadcaster/{id}, live style controls sent as
+// `config` messages, and the styled result from /ws/viewer/{id} in the preview.
+//
+// A frame is captured only when the previous one has left the socket (bufferedAmount == 0), so on a
+// slow uplink frames are held back at the source instead of piling up in the browser.
+import {
+  LiveView,
+  RateMeter,
+  ReconnectingSocket,
+  fmt,
+  pageConfig,
+  pageUrl,
+  setText,
+  socketUrl,
+} from "./stream.js";
+
+const cfg = pageConfig();
+const $ = (id) => document.getElementById(id);
+const STREAM_ID = /^[A-Za-z0-9_-]{1,64}$/;
+const JPEG_QUALITY = 0.85;
+
+const ui = {
+  streamId: $("stream-id"),
+  key: $("stream-key"),
+  token: $("viewer-token"),
+  camera: $("camera"),
+  fps: $("fps"),
+  size: $("size"),
+  startCamera: $("start-camera"),
+  startScreen: $("start-screen"),
+  stop: $("stop"),
+  link: $("link"),
+  video: $("source"),
+  prompt: $("prompt"),
+  strength: $("strength"),
+  strengthValue: $("strength-value"),
+  steps: $("steps"),
+  processor: $("processor"),
+  controlnet: $("controlnet"),
+  previewState: $("preview-state"),
+  messages: $("messages"),
+};
+
+// ---- messages shown to the user ------------------------------------------------------------
+
+function say(level, text) {
+  const li = document.createElement("li");
+  li.className = level;
+  const time = document.createElement("time");
+  time.textContent = new Date().toLocaleTimeString();
+  li.append(time, " ", text); // text nodes: server messages are never parsed as HTML
+  ui.messages.prepend(li);
+  while (ui.messages.children.length > 20) ui.messages.lastChild.remove();
+  (level === "error" ? console.warn : console.info)(`dreamstream: ${text}`);
+}
+
+const streamId = () => ui.streamId.value.trim();
+const key = () => ui.key.value;
+const token = () => ui.token.value;
+
+// ---- the styled preview (the same viewer code as the overlay) --------------------------------
+
+const preview = new LiveView($("preview"), { streamId: streamId(), token: token() }, { fit: "contain" }).start();
+
+// ---- the broadcaster socket --------------------------------------------------------------------
+
+let media = null; // the MediaStream being sent
+let mediaKind = "";
+let capturing = false;
+let held = 0; // ticks skipped because the socket was still busy with the previous frame
+let lastStats = null;
+let rttMs = null;
+let pingSentAt = 0;
+let serverConfig = { ...cfg.config };
+const dirty = new Set(); // controls changed since the server last told us its config
+
+const broadcaster = new ReconnectingSocket(
+  () => socketUrl(`/ws/broadcaster/${encodeURIComponent(streamId())}`, { key: key() }),
+  {
+    open: () => say("info", `connected: broadcasting stream "${streamId()}"`),
+    message: (event) => onServerMessage(event.data),
+    close: (event) => {
+      lastStats = null;
+      if (event.code === 4000) {
+        stopCapture(`another broadcaster took over stream "${streamId()}"; stopped here`);
+        return false;
+      }
+      if (event.code === 1008) {
+        const hint = /key/.test(event.reason) ? " Enter the stream key and start again." : "";
+        stopCapture(`the server refused this broadcaster: ${event.reason}.${hint}`, "error");
+        return false;
+      }
+      if (capturing) say("warn", `connection lost (code ${event.code}); reconnecting…`);
+      return capturing;
+    },
+    state: (link) => renderLink(link),
+  },
+  { maxDelayMs: 5000 },
+);
+
+function onServerMessage(data) {
+  if (typeof data !== "string") return;
+  let msg;
+  try {
+    msg = JSON.parse(data);
+  } catch {
+    return;
+  }
+  switch (msg.type) {
+    case "ready":
+      if (dirty.size) sendConfig();
+      else adoptConfig(msg.config);
+      break;
+    case "config":
+      dirty.clear();
+      adoptConfig(msg.config);
+      break;
+    case "stats":
+      lastStats = msg;
+      break;
+    case "pong":
+      rttMs = performance.now() - pingSentAt;
+      break;
+    case "error":
+      say("error", `${msg.code}: ${msg.message}`);
+      if (msg.code === "bad_config") {
+        dirty.clear();
+        adoptConfig(serverConfig); // show what the stream really uses
+      }
+      break;
+    default:
+      break;
+  }
+}
+
+function renderLink(link) {
+  const text = {
+    idle: "not broadcasting",
+    connecting: "connecting…",
+    open: "broadcasting",
+    retrying: "reconnecting…",
+    stopped: "not broadcasting",
+  }[link];
+  setText(ui.link, text || link);
+  ui.link.dataset.state = link;
+}
+
+// ---- style controls -> `config` messages ------------------------------------------------------
+
+const CONTROLS = {
+  prompt: () => ui.prompt.value,
+  strength: () => Number(ui.strength.value),
+  num_steps: () => Number.parseInt(ui.steps.value, 10),
+  processor_type: () => ui.processor.value,
+  use_controlnet: () => ui.controlnet.checked,
+};
+
+function adoptConfig(config) {
+  if (!config) return;
+  serverConfig = { ...config };
+  if (!dirty.has("prompt") && document.activeElement !== ui.prompt) ui.prompt.value = config.prompt;
+  if (!dirty.has("strength")) ui.strength.value = config.strength;
+  if (!dirty.has("num_steps")) ui.steps.value = config.num_steps;
+  if (!dirty.has("processor_type")) ui.processor.value = config.processor_type;
+  if (!dirty.has("use_controlnet")) ui.controlnet.checked = !!config.use_controlnet;
+  ui.strengthValue.value = Number(ui.strength.value).toFixed(2);
+}
+
+/** Send what changed; while not connected it waits and goes out when the server says `ready`. */
+function sendConfig() {
+  if (!dirty.size || !broadcaster.isOpen) return;
+  const message = { type: "config" };
+  for (const name of dirty) message[name] = CONTROLS[name]();
+  if (Number.isNaN(message.num_steps)) {
+    say("error", "steps must be a whole number");
+    return;
+  }
+  broadcaster.send(JSON.stringify(message));
+}
+
+function debounce(fn, ms) {
+  let timer = null;
+  return () => {
+    clearTimeout(timer);
+    timer = setTimeout(fn, ms);
+  };
+}
+
+const sendSoon = debounce(sendConfig, 250);
+
+function watch(input, name, event, immediate) {
+  input.addEventListener(event, () => {
+    dirty.add(name);
+    if (immediate) sendConfig();
+    else sendSoon();
+  });
+}
+watch(ui.prompt, "prompt", "input", false);
+watch(ui.strength, "strength", "input", false);
+watch(ui.steps, "num_steps", "change", true);
+watch(ui.processor, "processor_type", "change", true);
+watch(ui.controlnet, "use_controlnet", "change", true);
+ui.strength.addEventListener("input", () => {
+  ui.strengthValue.value = Number(ui.strength.value).toFixed(2);
+});
+for (const button of document.querySelectorAll("#presets button")) {
+  button.addEventListener("click", () => {
+    ui.prompt.value = button.dataset.prompt;
+    dirty.add("prompt");
+    sendConfig();
+  });
+}
+
+// ---- capture ---------------------------------------------------------------------------------
+
+const capture = document.createElement("canvas");
+const captureCtx = capture.getContext("2d", { alpha: false });
+const sentMeter = new RateMeter();
+let encoding = false;
+
+const ticker = new Worker("/static/ticker.js");
+ticker.onmessage = () => sendFrame();
+
+async function sendFrame() {
+  if (!capturing || encoding || !broadcaster.isOpen) return;
+  if (broadcaster.bufferedAmount > 0) {
+    held += 1;
+    return;
+  }
+  const vw = ui.video.videoWidth;
+  const vh = ui.video.videoHeight;
+  if (!vw || !vh) return; // the first camera frame is not there yet
+  const scale = Math.min(1, Number(ui.size.value) / Math.max(vw, vh));
+  const w = Math.max(2, Math.round((vw * scale) / 2) * 2);
+  const h = Math.max(2, Math.round((vh * scale) / 2) * 2);
+  if (capture.width !== w || capture.height !== h) {
+    capture.width = w;
+    capture.height = h;
+  }
+  encoding = true;
+  try {
+    captureCtx.drawImage(ui.video, 0, 0, w, h);
+    const blob = await new Promise((resolve) => capture.toBlob(resolve, "image/jpeg", JPEG_QUALITY));
+    if (blob && capturing && broadcaster.send(blob)) sentMeter.tick();
+  } finally {
+    encoding = false;
+  }
+}
+
+function setTicker() {
+  ticker.postMessage(capturing ? 1000 / Number(ui.fps.value) : 0);
+}
+ui.fps.addEventListener("change", setTicker);
+
+function mediaError(err, what) {
+  if (!window.isSecureContext) {
+    return `${what} needs a secure page: open the studio as http://localhost:${location.port || 80}/ on this machine, or serve it over https`;
+  }
+  switch (err && err.name) {
+    case "NotAllowedError":
+      return `${what} permission was refused; allow it in the browser's address bar and press the button again`;
+    case "NotFoundError":
+    case "OverconstrainedError":
+      return `no ${what} found; plug one in, pick another in the list, or use Screen`;
+    case "NotReadableError":
+      return `the ${what} is busy in another program (close it there, or use Screen)`;
+    default:
+      return `${what} failed: ${err && err.message ? err.message : err}`;
+  }
+}
+
+async function startCamera() {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    say("error", mediaError(null, "the camera"));
+    return;
+  }
+  const video = { width: { ideal: 1280 }, height: { ideal: 720 } };
+  if (ui.camera.value) video.deviceId = { exact: ui.camera.value };
+  try {
+    useMedia(await navigator.mediaDevices.getUserMedia({ video, audio: false }), "camera");
+    await listCameras();
+  } catch (err) {
+    say("error", mediaError(err, "the camera"));
+  }
+}
+
+async function startScreen() {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getDisplayMedia) {
+    say("error", mediaError(null, "screen capture"));
+    return;
+  }
+  try {
+    useMedia(await navigator.mediaDevices.getDisplayMedia({ video: { frameRate: { ideal: 30 } }, audio: false }), "screen");
+  } catch (err) {
+    say("error", mediaError(err, "screen capture"));
+  }
+}
+
+function useMedia(stream, kind) {
+  stopTracks();
+  media = stream;
+  mediaKind = kind;
+  const [track] = stream.getVideoTracks();
+  track.addEventListener("ended", () => {
+    if (media === stream) stopCapture(`${kind} capture ended`);
+  });
+  ui.video.srcObject = stream;
+  ui.video.play().catch(() => {});
+  capturing = true;
+  held = 0;
+  ui.stop.disabled = false;
+  if (!STREAM_ID.test(streamId())) {
+    stopCapture("the stream id must be 1-64 characters of A-Z a-z 0-9 _ -", "error");
+    return;
+  }
+  broadcaster.start();
+  setTicker();
+  say("info", `sending the ${kind} (${track.label || "unnamed"})`);
+}
+
+function stopTracks() {
+  if (media) for (const track of media.getTracks()) track.stop();
+  media = null;
+  ui.video.srcObject = null;
+}
+
+function stopCapture(why, level = "info") {
+  capturing = false;
+  setTicker();
+  stopTracks();
+  broadcaster.stop();
+  ui.stop.disabled = true;
+  if (why) say(level, why);
+}
+
+async function listCameras() {
+  const devices = await navigator.mediaDevices.enumerateDevices();
+  const chosen = ui.camera.value;
+  const cameras = devices.filter((d) => d.kind === "videoinput" && d.deviceId);
+  ui.camera.replaceChildren(new Option("default camera", ""));
+  cameras.forEach((d, i) => ui.camera.append(new Option(d.label || `camera ${i + 1}`, d.deviceId)));
+  ui.camera.value = chosen;
+}
+
+ui.startCamera.addEventListener("click", startCamera);
+ui.startScreen.addEventListener("click", startScreen);
+ui.stop.addEventListener("click", () => stopCapture("stopped"));
+ui.camera.addEventListener("change", () => {
+  if (capturing && mediaKind === "camera") startCamera();
+});
+
+// ---- stream id, key, token: what the sockets and links use -------------------------------------
+
+function onStreamChanged() {
+  const id = streamId();
+  const valid = STREAM_ID.test(id);
+  ui.streamId.setCustomValidity(valid ? "" : "1-64 characters of A-Z a-z 0-9 _ -");
+  if (!valid) {
+    say("error", `"${id}" is not a valid stream id: use 1-64 characters of A-Z a-z 0-9 _ -`);
+    return;
+  }
+  const url = new URL(window.location.href);
+  url.searchParams.set("stream", id);
+  url.searchParams.delete("autostart");
+  history.replaceState(null, "", url);
+  document.title = `DreamStream studio · ${id}`;
+  preview.retarget({ streamId: id, token: token() });
+  if (capturing) broadcaster.restart();
+  renderLinks();
+}
+ui.streamId.addEventListener("change", onStreamChanged);
+ui.key.addEventListener("change", () => {
+  if (capturing) broadcaster.restart();
+});
+ui.token.addEventListener("change", () => {
+  preview.retarget({ token: token() });
+  renderLinks();
+});
+
+// ---- links to the viewer, overlay and compare pages ----------------------------------------------
+
+function renderLinks() {
+  const id = encodeURIComponent(streamId());
+  const fade = Number.parseInt($("overlay-fade").value, 10) || 0;
+  const urls = {
+    viewer: pageUrl(`/view/${id}`, { token: token() }),
+    overlay: pageUrl(`/overlay/${id}`, {
+      fit: $("overlay-fit").value === "cover" ? "" : $("overlay-fit").value,
+      fade: fade > 0 ? fade : "",
+      debug: $("overlay-debug").checked ? 1 : "",
+      token: token(),
+    }),
+    compare: pageUrl(`/overlay/${id}/compare`, { token: token() }),
+  };
+  for (const [name, url] of Object.entries(urls)) {
+    $(`url-${name}`).value = url;
+    $(`open-${name}`).href = url;
+  }
+}
+for (const id of ["overlay-fit", "overlay-fade", "overlay-debug"]) $(id).addEventListener("input", renderLinks);
+
+async function copy(input) {
+  try {
+    await navigator.clipboard.writeText(input.value);
+  } catch {
+    input.select(); // clipboard API needs a secure page; fall back to the old way
+    document.execCommand("copy");
+  }
+  say("info", `copied ${input.value}`);
+}
+for (const button of document.querySelectorAll("[data-copy]")) {
+  button.addEventListener("click", () => copy($(button.dataset.copy)));
+}
+
+// ---- live numbers ---------------------------------------------------------------------------
+
+const stat = (name) => document.querySelector(`[data-stat="${name}"]`);
+const PREVIEW_TEXT = {
+  connecting: "connecting to the server…",
+  waiting: "waiting for frames: press Camera or Screen",
+  offline: "not broadcasting",
+  live: "",
+};
+
+setInterval(() => {
+  setText(stat("sent"), fmt(capturing ? sentMeter.rate() : 0));
+  setText(stat("preview"), fmt(preview.fps));
+  setText(stat("fps_in"), fmt(lastStats && lastStats.fps_in));
+  setText(stat("fps_out"), fmt(lastStats && lastStats.fps_out));
+  setText(stat("latency"), fmt(lastStats && lastStats.latency_ms, 0));
+  setText(stat("rtt"), fmt(broadcaster.isOpen ? rttMs : null, 0));
+  setText(stat("dropped"), lastStats ? String(lastStats.dropped) : "–");
+  setText(stat("viewers"), lastStats ? String(lastStats.viewers) : "–");
+  setText(stat("held"), String(held));
+  const state = preview.feed.socket.link === "open" ? preview.state : "connecting";
+  setText(ui.previewState, state === "live" && preview.frames === 0 ? "live: waiting for the first styled frame" : PREVIEW_TEXT[state] ?? state);
+  ui.previewState.hidden = state === "live" && preview.canvas.hasFrame;
+}, 500);
+
+setInterval(() => {
+  if (broadcaster.isOpen) {
+    pingSentAt = performance.now();
+    broadcaster.send(JSON.stringify({ type: "ping" }));
+  }
+}, 2000);
+
+// the processor may still be loading (diffusion weights): keep its badge current
+async function refreshHealth() {
+  try {
+    const health = await (await fetch("/healthz", { cache: "no-store" })).json();
+    const badge = $("server-status");
+    setText(badge, health.status);
+    badge.dataset.state = health.status;
+    setText($("processor-name"), health.processor);
+    setText($("processor-device"), health.device);
+    setText($("processor-reason"), health.reason || "");
+    setText($("processor-error"), health.error || "");
+  } catch {
+    $("server-status").dataset.state = "error";
+    setText($("server-status"), "unreachable");
+  }
+}
+setInterval(refreshHealth, 5000);
+
+// ---- start ----------------------------------------------------------------------------------
+
+adoptConfig(cfg.config);
+renderLinks();
+renderLink("idle");
+window.dreamstream = {
+  preview,
+  broadcaster,
+  get framesSent() {
+    return sentMeter.count;
+  },
+};
+if (cfg.autostart) startCamera();

@@ -1,0 +1,139 @@
+"""Headless Chromium for the page tests (and docs/make_screenshots.py), plus a Python broadcaster.
+
+Chromium is Debian's `/usr/bin/chromium` (apt: chromium chromium-driver fonts-dejavu-core), driven by
+Playwright; `playwright install` is never needed. `DREAMSTREAM_CHROMIUM` points at another binary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import require_or_skip
+
+CHROMIUM = os.environ.get("DREAMSTREAM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+# a fake camera (a moving test pattern) that needs no permission prompt
+CHROMIUM_ARGS = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", "--no-sandbox"]
+FULL_HD = {"width": 1920, "height": 1080}
+
+
+def chromium_missing() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    if not Path(CHROMIUM).exists():
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium chromium-driver fonts-dejavu-core)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install -e '.[dev]')"
+    return None
+
+
+@contextlib.contextmanager
+def launch_chromium() -> Iterator[object]:
+    """A headless Chromium Browser (playwright.sync_api.Browser)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    why = chromium_missing()
+    require_or_skip(why is None, why or "")
+    with launch_chromium() as b:
+        yield b
+
+
+@contextlib.contextmanager
+def open_page(browser, url: str, viewport: dict[str, int] | None = None, errors: list[str] | None = None):
+    """A fresh page (its own context) at `url`; JS errors and console errors go to `errors`."""
+    context = browser.new_context(viewport=viewport or FULL_HD, device_scale_factor=1)
+    page = context.new_page()
+    if errors is not None:
+        page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+        page.on("console", lambda msg: msg.type == "error" and errors.append(f"console: {msg.text}"))
+    try:
+        page.goto(url)
+        yield page
+    finally:
+        context.close()
+
+
+def wait_for_frames(page, selector: str = "#frame", at_least: int = 1, timeout_ms: int = 15_000) -> int:
+    """Wait until the page has drawn `at_least` frames into the canvas (its data-frames counter)."""
+    page.wait_for_function(
+        "([sel, n]) => { const el = document.querySelector(sel); return el && Number(el.dataset.frames) >= n; }",
+        arg=[selector, at_least],
+        timeout=timeout_ms,
+    )
+    return frames_drawn(page, selector)
+
+
+def frames_drawn(page, selector: str = "#frame") -> int:
+    return int(page.eval_on_selector(selector, "el => Number(el.dataset.frames)"))
+
+
+def screenshot_rgba(page, **kwargs) -> np.ndarray:
+    """The page as an (H, W, 4) uint8 array; transparent where nothing was drawn."""
+    from PIL import Image
+
+    png = page.screenshot(omit_background=True, **kwargs)
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))
+
+
+class FramePusher:
+    """A Python broadcaster: sends `frame` (JPEG bytes, changeable) to a stream at `fps` in a thread.
+
+    It reconnects on its own, like the OBS companion does, so it survives a server restart.
+    """
+
+    def __init__(self, ws_base: str, stream_id: str, frame: bytes, fps: float = 15.0, key: str = "") -> None:
+        self.url = f"{ws_base}/ws/broadcaster/{stream_id}" + (f"?key={key}" if key else "")
+        self.frame = frame
+        self.fps = fps
+        self.sent = 0
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"pusher-{stream_id}", daemon=True)
+
+    def __enter__(self) -> FramePusher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        from websockets.sync.client import connect
+
+        while not self._stop.is_set():
+            try:
+                with connect(self.url, open_timeout=5, max_size=None) as ws:
+                    self.connections += 1
+                    while not self._stop.is_set():
+                        ws.send(self.frame)
+                        self.sent += 1
+                        with contextlib.suppress(TimeoutError):
+                            while True:  # drain ready/stats so the server's outbox never fills
+                                ws.recv(timeout=0)
+                        time.sleep(1.0 / self.fps)
+            except Exception:  # server gone or restarting: try again shortly
+                self._stop.wait(0.3)
