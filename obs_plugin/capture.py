@@ -23,6 +23,8 @@ from obs_plugin.status import Frame, Stats
 
 log = logging.getLogger("dreamstream.obs")
 
+RECHECK_FEEDBACK_S = 5.0
+
 
 class Mailbox:
     """One slot shared by the capture thread (put) and the event loop (get)."""
@@ -180,9 +182,10 @@ class Capturer(threading.Thread):
     def _capture(self, conn: ObsConnection) -> None:
         opts = self.options
         assert self._source is not None
-        name = self._source[0]
+        name, is_scene = self._source
         interval = 1.0 / opts.fps
         next_at = time.monotonic()
+        recheck_at = next_at + RECHECK_FEEDBACK_S
         while not self.stop_event.is_set():
             if not self.link_up.is_set():
                 # nobody to send to: rendering screenshots would only cost OBS time
@@ -197,6 +200,9 @@ class Capturer(threading.Thread):
             self.mailbox.put(frame)
             self.stats.on_capture(frame)
             self.stats.set_obs_state("capturing")
+            if done >= recheck_at:  # someone may have added the overlay to this scene meanwhile
+                check_no_feedback(conn, name, is_scene)
+                recheck_at = done + RECHECK_FEEDBACK_S
             # a fixed schedule, but never a burst to catch up after a slow capture
             next_at = max(next_at + interval, done)
             self.stop_event.wait(max(0.0, next_at - time.monotonic()))

@@ -45,7 +45,7 @@ class Stats:
     replaced: int = 0
     server: dict = field(default_factory=dict)
     obs_state: str = "connecting to OBS"
-    server_state: str = "connecting to the server"
+    server_state: str = "not started (OBS first)"
 
     def on_capture(self, frame: Frame) -> None:
         with self.lock:
