@@ -1,0 +1,344 @@
+"""What the standard and lightning processors share: options, the frame <-> latent path, batching, sampling.
+
+One frame's way, written out so it can be read, profiled and compiled piece by piece:
+
+    fit_to (CPU crop/resize) -> uint8 to the device -> VAE encode -> + the stream's fixed noise at the
+    first executed sigma -> Euler steps, each one `denoise` (ControlNet + UNet) -> VAE decode -> uint8
+
+Strength and steps: the `num_steps` schedule is built exactly as for text-to-image (so Lightning keeps
+the timesteps it was distilled on) and img2img runs its last `steps_to_run(num_steps, strength) =
+ceil(num_steps * strength)` steps, never fewer than 1: 4 x 0.7 runs the last 3 of 4, 25 x 0.7 the last
+18 of 25, 1 x anything runs the one step. The plain pipelines' `int(num_steps * strength)` runs 0
+steps (and crashes) for 1 x 0.7.
+
+Sampler: Euler on the model's sigmas with no churn, i.e. deterministic (DDIM with eta=0 is the same
+update): a stream's fixed seed gives the same noise every frame, so a still scene stays still.
+
+Batching: `process_batch` groups requests that run the same timesteps with the same ControlNet
+setting (same `num_steps`, same `steps_to_run`, same `use_controlnet`) into one batched call of each
+model; prompts, seeds and images stay per request, so streams never see each other's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+
+from service.codec import fit_to
+from service.processors.base import FrameRequest, Processor
+from service.processors.depth import load_depth_estimator
+from service.processors.models import ModelSource, load_model, model_source, resolve_device_dtype
+
+log = logging.getLogger("dreamstream.processors")
+
+V = TypeVar("V")
+MODEL_OPTIONS = ("base_model", "controlnet_model", "depth_model", "tiny_vae")
+COMMON_OPTIONS = MODEL_OPTIONS + ("device", "dtype", "width", "height", "controlnet_scale")
+
+
+def steps_to_run(num_steps: int, strength: float) -> int:
+    """How many of the schedule's last steps img2img runs: ceil(num_steps * strength), within [1, num_steps]."""
+    return min(num_steps, max(1, math.ceil(num_steps * strength - 1e-6)))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The executed part of a schedule: `timesteps` on the device, and len(timesteps) + 1 sigmas ending at 0."""
+
+    timesteps: torch.Tensor
+    sigmas: tuple[float, ...]
+    prediction_type: str
+
+
+def predicted_x0(output: torch.Tensor, sample: torch.Tensor, sigma: float, prediction_type: str) -> torch.Tensor:
+    """The model's estimate of the clean latents, whatever it was trained to predict."""
+    if prediction_type == "epsilon":
+        return sample - sigma * output
+    if prediction_type == "sample":
+        return output
+    if prediction_type == "v_prediction":
+        return output * (-sigma / math.sqrt(sigma**2 + 1)) + sample / (sigma**2 + 1)
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported")
+
+
+class LRU(OrderedDict):
+    """A small least-recently-used cache: prompts and noise of the streams that are live right now."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def get_or_make(self, key: Hashable, make: Callable[[], V]) -> V:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = make()
+        self[key] = value
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+        return value
+
+
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> Any:
+    """`module.to(dtype)` without diffusers' override, which warns on every cast of models we built ourselves."""
+    return torch.nn.Module.to(module, dtype=dtype)
+
+
+def _pixels(options: dict[str, Any], name: str) -> int:
+    value = options.get(name, 512)
+    if isinstance(value, bool) or not isinstance(value, int) or not 64 <= value <= 2048 or value % 8:
+        raise ValueError(f"{name} must be a multiple of 8 between 64 and 2048, got {value!r}")
+    return value
+
+
+class DiffusionProcessor(Processor):
+    """Base of the standard and lightning processors; subclasses load their models and define `denoise`."""
+
+    extra_options: ClassVar[tuple[str, ...]] = ()
+    model_options: ClassVar[tuple[str, ...]] = MODEL_OPTIONS
+    default_controlnet_scale: ClassVar[float] = 1.0
+    upcast_vae: ClassVar[bool] = False  # run a full VAE that says `force_upcast` in fp32 (SDXL's NaNs in fp16)
+
+    def __init__(
+        self,
+        style_prompt: str = "Van Gogh style painting",
+        strength: float = 0.7,
+        num_steps: int | None = None,
+        use_controlnet: bool = True,
+        seed: int = 42,
+        **options: Any,
+    ) -> None:
+        super().__init__(style_prompt, strength, num_steps, use_controlnet, seed)
+        known = COMMON_OPTIONS + self.extra_options
+        for name in options:
+            if name not in known:
+                raise ValueError(f"unknown option {name!r} for the {self.name} processor; known: {', '.join(known)}")
+        self.options = options
+        self.width, self.height = _pixels(options, "width"), _pixels(options, "height")
+        self.controlnet_scale = float(options.get("controlnet_scale", self.default_controlnet_scale))
+        self.sources: dict[str, ModelSource | None] = {
+            name: model_source(self.name, name, options.get(name))
+            for name in self.model_options
+        }
+        self.device, self.dtype, why = resolve_device_dtype(options.get("device"), options.get("dtype"))
+        log.info("%s processor: %s/%s (%s), %dx%d, %d steps x strength %.2f, controlnet %s", self.name,
+                 self.device, str(self.dtype).removeprefix("torch."), why, self.width, self.height,
+                 self.num_steps, self.strength, "on" if self.use_controlnet else "off")
+        self.controlnet: Any = None
+        self.depth: Any = None
+        self._prompts: LRU = LRU(64)
+        self._noise: LRU = LRU(64)
+        self._schedules: dict[tuple[int, int], Schedule] = {}
+        self.load_models()
+        self._load_vae()
+        if self.use_controlnet:
+            self.ensure_controlnet()
+
+    # --- loading ----------------------------------------------------------------------------------
+
+    def load_models(self) -> None:
+        """Load the text encoders, UNet and scheduler config (subclasses)."""
+        raise NotImplementedError
+
+    def load_component(self, option: str, cls: Any, subfolder: str | None = None, dtype_kw: str | None = None,
+                       dtype: torch.dtype | None = None) -> Any:
+        """`cls.from_pretrained` of one part of a model source; modules land on the device, frozen."""
+        source = self.sources[option]
+        assert source is not None
+        kwargs: dict[str, Any] = {"subfolder": subfolder} if subfolder else {}
+        if dtype_kw:
+            kwargs[dtype_kw] = dtype or self.dtype
+        part = load_model(source, lambda ref, local: cls.from_pretrained(ref, local_files_only=local, **kwargs),
+                          what=subfolder or "")
+        if isinstance(part, torch.nn.Module):
+            part = part.to(self.device).eval().requires_grad_(False)
+        return part
+
+    def _load_vae(self) -> None:
+        from diffusers import AutoencoderKL, AutoencoderTiny
+
+        if self.sources["tiny_vae"] is not None:
+            vae = self.load_component("tiny_vae", AutoencoderTiny, dtype_kw="torch_dtype", dtype=torch.float32)
+        else:
+            vae = self.load_component("base_model", AutoencoderKL, "vae", "torch_dtype", dtype=torch.float32)
+        upcast = self.upcast_vae and self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            log.info("vae: kept in fp32 because its config says force_upcast (fp16 SDXL VAEs overflow); "
+                     "tiny_vae=True is the fast alternative")
+        self.vae_dtype = torch.float32 if upcast else self.dtype
+        self.vae = cast(vae, self.vae_dtype)
+        self.latent_scale = float(vae.config.scaling_factor)
+        self.latent_shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    def ensure_controlnet(self) -> None:
+        """Load the ControlNet and the depth estimator the first time a frame asks for them."""
+        if self.controlnet is not None:
+            return
+        from diffusers import ControlNetModel
+
+        self.controlnet = self.load_component("controlnet_model", ControlNetModel, dtype_kw="torch_dtype")
+        depth_source = self.sources["depth_model"]
+        assert depth_source is not None
+        self.depth = load_depth_estimator(depth_source, self.device, self.dtype)
+
+    # --- per-request caches -----------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str) -> Any:
+        """Text-encoder output for one prompt, batch 1 (subclasses)."""
+        raise NotImplementedError
+
+    def prompt_embeds(self, prompt: str) -> Any:
+        """Text encoders run once per prompt, not once per frame."""
+        return self._prompts.get_or_make(prompt, lambda: self.encode_prompt(prompt))
+
+    def noise(self, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """The stream's fixed noise (drawn on the CPU, so a seed gives the same frames on any device)."""
+
+        def draw() -> torch.Tensor:
+            generator = torch.Generator("cpu").manual_seed(seed)
+            return torch.randn((1, *shape), generator=generator, dtype=torch.float32).to(self.device)
+
+        return self._noise.get_or_make((seed, shape), draw)
+
+    def make_scheduler(self, num_steps: int) -> Any:
+        """An EulerDiscreteScheduler with this processor's spacing and prediction type (subclasses)."""
+        raise NotImplementedError
+
+    def schedule(self, num_steps: int, run: int) -> Schedule:
+        key = (num_steps, run)
+        if key not in self._schedules:
+            scheduler = self.make_scheduler(num_steps)
+            scheduler.set_timesteps(num_steps, device="cpu")
+            timesteps = scheduler.timesteps[num_steps - run:].to(self.device)
+            sigmas = tuple(float(s) for s in scheduler.sigmas[num_steps - run:])
+            self._schedules[key] = Schedule(timesteps, sigmas, scheduler.config.prediction_type)
+        return self._schedules[key]
+
+    # --- the frame path ---------------------------------------------------------------------------
+
+    def check_request(self, request: FrameRequest) -> None:
+        image = request.image
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError("image must be an RGB uint8 array of shape (height, width, 3)")
+        if not isinstance(request.prompt, str):
+            raise ValueError("prompt must be a string")
+        if isinstance(request.strength, bool) or not 0 < request.strength <= 1:
+            raise ValueError(f"strength must be a number in (0, 1], got {request.strength!r}")
+        if isinstance(request.num_steps, bool) or not isinstance(request.num_steps, int) or request.num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {request.num_steps!r}")
+        self.check_steps(request.num_steps)
+
+    def process_batch(self, requests: list[FrameRequest]) -> list[np.ndarray]:
+        for request in requests:
+            self.check_request(request)
+        groups: dict[tuple[int, int, bool], list[int]] = {}
+        for i, r in enumerate(requests):
+            key = (r.num_steps, steps_to_run(r.num_steps, r.strength), bool(r.use_controlnet))
+            groups.setdefault(key, []).append(i)
+        results: list[np.ndarray] = [np.empty(0, np.uint8)] * len(requests)
+        with torch.inference_mode():
+            for (num_steps, run, use_controlnet), members in groups.items():
+                images = self.run_group([requests[i] for i in members], num_steps, run, use_controlnet)
+                for i, image in zip(members, images, strict=True):
+                    results[i] = image
+        return results
+
+    def run_group(self, requests: list[FrameRequest], num_steps: int, run: int,
+                  use_controlnet: bool) -> list[np.ndarray]:
+        """One batched pass for requests that share their timesteps: the whole per-frame work."""
+        self.prepare_steps(num_steps)
+        pixels = self.to_pixels([r.image for r in requests])
+        latents = self.encode(pixels)
+        noise = torch.cat([self.noise(r.seed, tuple(latents.shape[1:])) for r in requests])
+        control = self.control_image(pixels) if use_controlnet else None
+        cond = self.conditioning([r.prompt for r in requests])
+        return self.decode(self.sample(latents, noise, self.schedule(num_steps, run), cond, control))
+
+    def prepare_steps(self, num_steps: int) -> None:
+        """Hook for step-count dependent weights (lightning swaps its UNet here)."""
+
+    def to_pixels(self, frames: list[np.ndarray]) -> torch.Tensor:
+        """RGB uint8 frames of any size -> (B, 3, H, W) in [0, 1] on the device; only uint8 crosses the bus."""
+        batch = np.stack([fit_to(frame, self.width, self.height) for frame in frames])
+        return torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 255
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The latent mean, not a sample: no extra randomness per frame, and the same for TAESD."""
+        out = self.vae.encode(pixels.to(self.vae_dtype) * 2 - 1)
+        latents = out.latents if hasattr(out, "latents") else out.latent_dist.mode()
+        return (latents.float() - self.latent_shift) * self.latent_scale
+
+    def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
+        image = self.vae.decode((latents / self.latent_scale + self.latent_shift).to(self.vae_dtype)).sample
+        image = ((image.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return list(image.permute(0, 2, 3, 1).cpu().numpy())
+
+    def control_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.ensure_controlnet()
+        return self.depth(pixels).to(self.dtype)
+
+    def conditioning(self, prompts: list[str]) -> Any:
+        """The batched text conditioning of these prompts (subclasses)."""
+        raise NotImplementedError
+
+    def denoise(self, sample: torch.Tensor, t: torch.Tensor, cond: Any, control: torch.Tensor | None) -> torch.Tensor:
+        """One model evaluation (ControlNet + UNet, and CFG where used) on scaled latents (subclasses)."""
+        raise NotImplementedError
+
+    def unet_with_control(self, sample: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+                          control: torch.Tensor | None, added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """ControlNet then UNet: the pair a CUDA-graph compile should capture as one function."""
+        residuals: dict[str, Any] = {}
+        if control is not None:
+            down, mid = self.controlnet(sample, t, encoder_hidden_states=embeds, controlnet_cond=control,
+                                        conditioning_scale=self.controlnet_scale, added_cond_kwargs=added,
+                                        return_dict=False)
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        return self.unet(sample, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False,
+                         **residuals)[0]
+
+    def sample(self, latents: torch.Tensor, noise: torch.Tensor, schedule: Schedule, cond: Any,
+               control: torch.Tensor | None) -> torch.Tensor:
+        """Euler steps from the first executed sigma down to 0; latents stay fp32 between steps."""
+        sigmas = schedule.sigmas
+        x = latents + sigmas[0] * noise
+        batch = x.shape[0]
+        for i, t in enumerate(schedule.timesteps):
+            sigma = sigmas[i]
+            model_in = (x / math.sqrt(sigma * sigma + 1)).to(self.dtype)
+            output = self.denoise(model_in, t.expand(batch), cond, control).float()
+            x0 = predicted_x0(output, x, sigma, schedule.prediction_type)
+            x = x0 + (sigmas[i + 1] / sigma) * (x - x0)
+        return x
+
+    # --- Processor API ----------------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        """One real frame (a gradient, not zeros) so the first viewer doesn't pay for lazy init."""
+        ramp = np.linspace(0, 255, self.width, dtype=np.float32)
+        image = np.stack([np.tile(ramp, (self.height, 1))] * 3, axis=-1).astype(np.uint8)
+        image[..., 1] = image[..., 1].T if self.width == self.height else image[..., 1]
+        start = time.perf_counter()
+        self.process_batch([self.request(image)])
+        log.info("%s warm-up frame: %.0f ms", self.name, (time.perf_counter() - start) * 1000)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "processor": self.name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "width": self.width,
+            "height": self.height,
+            "num_steps": self.num_steps,
+            "strength": self.strength,
+            "use_controlnet": self.use_controlnet,
+            "models": {name: (s.value if s else None) for name, s in self.sources.items()},
+        }

@@ -1,0 +1,225 @@
+"""Where each model comes from (option, env var or default; hub id or local path) and loading it.
+
+Every model option takes a Hugging Face hub id or a local path in the standard `save_pretrained`
+layout. The order of looking is: a local path; the Hugging Face cache; a download (with the hub's
+own tqdm progress bars). A model that is none of these fails fast with `ModelUnavailableError`,
+whose message says which option and env var point at a local copy: a first run on a machine
+without internet should end in a sentence that fixes it, not in a 10-minute hang or a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger("dreamstream.processors")
+
+T = TypeVar("T")
+
+DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
+MIDAS_REPO = "lllyasviel/Annotators"
+DEFAULTS: dict[str, dict[str, str]] = {
+    "standard": {
+        "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "controlnet_model": "lllyasviel/control_v11f1p_sd15_depth",
+        "depth_model": DEFAULT_DEPTH_MODEL,
+        "tiny_vae": "madebyollin/taesd",
+    },
+    "lightning": {
+        "base_model": "stabilityai/stable-diffusion-xl-base-1.0",
+        "controlnet_model": "diffusers/controlnet-depth-sdxl-1.0-small",
+        "depth_model": DEFAULT_DEPTH_MODEL,
+        "lightning_unet": "ByteDance/SDXL-Lightning",
+        "tiny_vae": "madebyollin/taesdxl",
+    },
+}
+_SHARED_ENV = {"depth_model": "DREAMSTREAM_DEPTH_MODEL", "lightning_unet": "DREAMSTREAM_LIGHTNING_UNET"}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off", "none"}
+REACHABILITY_TIMEOUT_S = 15.0
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model is neither a local path, nor in the Hugging Face cache, nor downloadable right now."""
+
+
+def env_var(processor: str, option: str) -> str:
+    """The env var of a model option, e.g. (`lightning`, `base_model`) -> DREAMSTREAM_LIGHTNING_BASE_MODEL."""
+    return _SHARED_ENV.get(option) or f"DREAMSTREAM_{processor.upper()}_{option.upper()}"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One resolved model option: what to load and how the user chose it (for logs and errors)."""
+
+    processor: str
+    option: str
+    value: str
+    origin: str  # "option", "env" or "default"
+
+    @property
+    def env_var(self) -> str:
+        return env_var(self.processor, self.option)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.value).expanduser()
+
+    @property
+    def is_local(self) -> bool:
+        return self.path.exists()
+
+    @property
+    def looks_like_path(self) -> bool:
+        """Hub ids are `owner/name`; anything else with slashes, dots or drive letters is a path."""
+        v = self.value
+        return v.startswith(("/", ".", "~")) or "\\" in v or ":" in v or v.count("/") > 1
+
+    def describe(self) -> str:
+        how = {"option": f"option {self.option}", "env": f"env {self.env_var}", "default": "default"}
+        return f"{self.value} ({how[self.origin]})"
+
+    def unavailable(self, why: str) -> ModelUnavailableError:
+        return ModelUnavailableError(
+            f"{self.option} {self.value!r} for the {self.processor} processor is unavailable: {why}. "
+            f"Pass {self.option}=<local path or hub id> or set {self.env_var} to a local copy "
+            f"(e.g. one made with `huggingface-cli download {self.value if not self.looks_like_path else 'ID'}"
+            f" --local-dir DIR`)."
+        )
+
+
+def model_source(processor: str, option: str, value: Any = None) -> ModelSource | None:
+    """Resolve an option: the keyword wins, then the env var, then the processor's default.
+
+    `tiny_vae` is off unless asked for: `True` (or "1"/"true" in the env var) means the default tiny
+    VAE, a string means that hub id or path. Returns None for an option that is off.
+    """
+    origin = "option"
+    if value is None:
+        raw = os.environ.get(env_var(processor, option))
+        value, origin = (raw, "env") if raw is not None and raw.strip() != "" else (None, "default")
+    if option == "tiny_vae":
+        text = str(value).strip().lower() if value is not None else ""
+        if value is None or value is False or text in _FALSE:
+            return None
+        if value is True or text in _TRUE:
+            value = DEFAULTS[processor]["tiny_vae"]
+    if value is None:
+        value = DEFAULTS[processor][option]
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ValueError(f"{option} must be a hub id or a local path, got {value!r}")
+    return ModelSource(processor, option, str(value).strip(), origin)
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def _check_reachable(source: ModelSource) -> None:
+    """Ask the hub about the repo in a thread we can stop waiting for: DNS lookups ignore timeouts."""
+    from huggingface_hub import HfApi
+
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            HfApi().model_info(source.value, timeout=REACHABILITY_TIMEOUT_S - 5)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(REACHABILITY_TIMEOUT_S)
+    if not outcome:
+        raise source.unavailable(f"the Hugging Face hub did not answer within {REACHABILITY_TIMEOUT_S:.0f} s")
+    if outcome[0] is not None:
+        exc = outcome[0]
+        raise source.unavailable(f"not in the local cache and the hub refused it ({type(exc).__name__}: {exc})")
+
+
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError)
+
+
+def load_model(source: ModelSource, loader: Callable[[str, bool], T], what: str = "") -> T:
+    """Load with `loader(ref, local_files_only)`: local path, then the cache, then a download.
+
+    Errors that mean "the files are not there" become ModelUnavailableError; the rest stay what they are.
+    """
+    label = f"{source.option}{' ' + what if what else ''}"
+    if source.is_local:
+        log.info("%s: loading %s from the local path", label, source.describe())
+        try:
+            return loader(str(source.path), True)
+        except _LOAD_ERRORS as exc:
+            raise source.unavailable(f"the local path is incomplete or not a {what or 'model'} ({exc})") from exc
+    if source.looks_like_path:
+        raise source.unavailable("no such file or directory")
+    try:
+        model = loader(source.value, True)
+        log.info("%s: loaded %s from the Hugging Face cache", label, source.describe())
+        return model
+    except _LOAD_ERRORS:
+        pass
+    if hub_offline():
+        raise source.unavailable("it is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading")
+    _check_reachable(source)
+    log.info("%s: downloading %s from the Hugging Face hub (progress below)", label, source.describe())
+    try:
+        return loader(source.value, False)
+    except _LOAD_ERRORS as exc:
+        raise source.unavailable(f"the download failed ({exc})") from exc
+
+
+def fetch_file(source: ModelSource, filename: str) -> Path:
+    """One file of a model: `filename` inside a local folder or hub repo, or the local file itself."""
+    if source.is_local and source.path.is_file():
+        return source.path
+
+    def loader(ref: str, local_only: bool) -> Path:
+        if Path(ref).is_dir():
+            path = Path(ref) / filename
+            if not path.is_file():
+                raise FileNotFoundError(f"{filename} is not in {ref}")
+            return path
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(ref, filename, local_files_only=local_only))
+
+    return load_model(source, loader, what=filename)
+
+
+def resolve_device_dtype(device: Any = None, dtype: Any = None) -> tuple[Any, Any, str]:
+    """(torch.device, torch.dtype, why): cuda + fp16 when a GPU is present, else cpu + fp32."""
+    import torch
+
+    device = device or os.environ.get("DREAMSTREAM_DEVICE") or None
+    dtype = dtype or os.environ.get("DREAMSTREAM_DTYPE") or None
+    if device is None:
+        device, why = ("cuda", "a CUDA GPU is present") if torch.cuda.is_available() else (
+            "cpu", "no CUDA GPU found")
+    else:
+        why = "asked for"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be a torch device such as 'cuda' or 'cpu', got {device!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is 'cuda' but torch sees no CUDA GPU; pass device='cpu'")
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    elif not isinstance(dtype, torch.dtype):
+        names = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                 "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+        if str(dtype).lower() not in names:
+            raise ValueError(f"dtype must be one of fp16, bf16, fp32, got {dtype!r}")
+        dtype = names[str(dtype).lower()]
+    return device, dtype, why
