@@ -46,6 +46,7 @@ def obs(tmp_path_factory: pytest.TempPathFactory):
         obs.color_scene("Show", BLUE, "Show backdrop")
         obs.nest("Show", "Cam")
         obs.nest("Show", "Deco")
+        obs.color_scene("Studio B", GREEN, "Studio B colour")
         yield obs
 
 
@@ -95,6 +96,7 @@ def assert_no_secrets(text: str) -> None:
 
 # --- streaming ----------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_streams_a_colour_source_and_follows_changes_live(tmp_path, obs, server):
     args = obs_args(obs, "--source", "Cam", "--stream", "obs-colour", "--server", server.ws, "--key", BROADCAST_KEY)
     with companion(tmp_path, args) as comp:
@@ -117,6 +119,7 @@ def test_streams_a_colour_source_and_follows_changes_live(tmp_path, obs, server)
     assert_no_secrets(out)
 
 
+@pytest.mark.integration
 def test_streams_an_image_source_keeping_its_layout(tmp_path, obs, server):
     args = obs_args(obs, "--source", "Picture", "--stream", "obs-picture", "--server", server.ws,
                     "--key", BROADCAST_KEY, "--width", "320", "--fps", "10")
@@ -139,6 +142,7 @@ def run_to_exit(tmp_path: Path, args: list[str], password: str | None = PASSWORD
     return code, comp.output(), time.monotonic() - started
 
 
+@pytest.mark.integration
 def test_wrong_password_is_a_clear_error(tmp_path, obs, server):
     code, out, took = run_to_exit(tmp_path, obs_args(obs, "--source", "Cam", "--stream", "s", "--server", server.ws),
                                   password="not-the-password")
@@ -147,6 +151,7 @@ def test_wrong_password_is_a_clear_error(tmp_path, obs, server):
     assert "not-the-password" not in out
 
 
+@pytest.mark.integration
 def test_missing_password_is_a_clear_error(tmp_path, obs, server):
     code, out, _ = run_to_exit(tmp_path, obs_args(obs, "--source", "Cam", "--stream", "s", "--server", server.ws),
                                password=None)
@@ -154,6 +159,7 @@ def test_missing_password_is_a_clear_error(tmp_path, obs, server):
     assert "requires a password: set OBS_PASSWORD" in out
 
 
+@pytest.mark.integration
 def test_missing_source_lists_what_exists(tmp_path, obs, server):
     code, out, took = run_to_exit(tmp_path, obs_args(obs, "--source", "Camera 2", "--stream", "s",
                                                      "--server", server.ws))
@@ -164,6 +170,7 @@ def test_missing_source_lists_what_exists(tmp_path, obs, server):
     assert "server ready" not in out, "a companion that is about to stop must not take the stream over"
 
 
+@pytest.mark.integration
 def test_feedback_loop_is_refused_even_in_nested_scenes(tmp_path, obs, server):
     code, out, _ = run_to_exit(tmp_path, obs_args(obs, "--source", "Show", "--stream", "s", "--server", server.ws))
     assert code == 2, out
@@ -171,6 +178,17 @@ def test_feedback_loop_is_refused_even_in_nested_scenes(tmp_path, obs, server):
     assert "'Show' > 'Deco' > 'DreamStream Overlay'" in out
 
 
+@pytest.mark.integration
+def test_overlay_added_while_capturing_stops_the_loop(tmp_path, obs, server):
+    args = obs_args(obs, "--source", "Studio B", "--stream", "obs-b", "--server", server.ws, "--key", BROADCAST_KEY)
+    with companion(tmp_path, args) as comp:
+        comp.wait_for("status: OBS: capturing")
+        obs.nest("Studio B", "Deco")  # the user drops the overlay's scene into the captured one
+        assert comp.wait_exit(15) == 2
+    assert "refusing to capture 'Studio B'" in comp.output() and "feedback loop" in comp.output()
+
+
+@pytest.mark.integration
 def test_install_overlay_reports_that_this_obs_has_no_browser_source(tmp_path, obs, server):
     code, out, _ = run_to_exit(tmp_path, obs_args(obs, "--source", "Cam", "--stream", "s", "--server", server.ws,
                                                   "--install-overlay", "--overlay-scene", "Show"))
@@ -182,6 +200,7 @@ def test_install_overlay_reports_that_this_obs_has_no_browser_source(tmp_path, o
     assert not [name for name in inputs if name.startswith("DreamStream") and name != "DreamStream Overlay"]
 
 
+@pytest.mark.integration
 def test_refused_stream_key_is_a_clear_error(tmp_path, obs, server):
     code, out, _ = run_to_exit(tmp_path, obs_args(obs, "--source", "Cam", "--stream", "s", "--server", server.ws,
                                                   "--key", "wrong-key-123"))
@@ -197,6 +216,7 @@ def test_bad_stream_id_is_refused_before_connecting(tmp_path):
 
 # --- resilience: OBS not there yet, OBS crashing, the server restarting -----------------------------------
 
+@pytest.mark.integration
 def test_waits_for_obs_and_survives_obs_and_server_restarts(tmp_path):
     with running_obs(tmp_path / "obs-home") as obs2, running_server(tmp_path, "filter") as srv:
         obs2.color_scene("Cam", RED, "Cam colour")
