@@ -1,0 +1,339 @@
+"""DreamStream on Modal: one CPU gateway holds the sockets, an autoscaling pool of GPUs restyles the frames.
+
+    modal secret create dreamstream-keys DREAMSTREAM_STREAM_KEYS=studio:change-me DREAMSTREAM_VIEWER_TOKEN=t0ken
+    modal run modal_app.py::download_models        # once: the model weights into a Volume
+    DREAMSTREAM_MODAL_GPU=L4 modal deploy modal_app.py
+
+This file wraps the same FastAPI app that `dreamstream serve` runs (`service.app.create_app`); there is
+no second implementation. The one difference is where frames are processed: the gateway's processor
+backend sends each frame, as a `FrameJob`, to the GPU class below, which runs the same `Engine` the
+local server runs in its worker thread. Frames of several streams that reach one GPU container
+together are restyled in one `Engine.run` call, each with its own prompt, strength and seed.
+
+It reads top to bottom: deploy-time knobs, the images, the weights volume and its download, the GPU
+class, the gateway. Importing it needs neither a Modal token nor a network (the tests do). The numbers
+behind the defaults are in docs/SCALING.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import modal
+import numpy as np
+from fastapi import FastAPI
+
+from service import codec
+from service.app import create_app
+from service.backends import CallableBackend
+from service.config import DEFAULT_STEPS, Settings, StreamConfig
+from service.engine import Engine, FrameJob
+
+log = logging.getLogger("dreamstream.modal")
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default
+
+
+# ## Deploy-time knobs
+#
+# Read when `modal deploy` imports this file. Every DREAMSTREAM_* variable set then (model options,
+# limits, DREAMSTREAM_PROCESSOR...) is forwarded to both containers, so a deployment is configured the
+# way the local server is. The secrets are the exception: they come from a modal.Secret, never from here.
+#
+# GPU: an L4 by default. It is Modal's cheapest 24 GB GPU, and PERF.md measures both processors together
+# under 20 GB, so one L4 holds the lightning and the standard pipeline at once. Its dense fp16 rate
+# (~121 TFLOP/s) matches an A10G's at ~70% of the price, so it costs least per restyled frame; what it
+# lacks is headroom for one fast stream (SDXL-Lightning 4 steps + ControlNet stays under 25 fps on it).
+# For that, deploy with DREAMSTREAM_MODAL_GPU=H100 (or L40S); a comma list ("L40S,A100") gives fallbacks.
+GPU = [g.strip() for g in os.environ.get("DREAMSTREAM_MODAL_GPU", "L4").split(",") if g.strip()]
+GPU_LABEL = "/".join(GPU)
+GPU_BATCH = _env_int("DREAMSTREAM_MODAL_GPU_BATCH", 8)  # frames per Engine.run: PERF.md's 8-stream target
+# The gateway fans a round of frames out at once, so they reach a container within a few ms of each
+# other; 10 ms is enough to regroup them and costs every frame at most a third of a 30 fps frame time.
+BATCH_WAIT_MS = _env_int("DREAMSTREAM_MODAL_BATCH_WAIT_MS", 10)
+MIN_GPUS = _env_int("DREAMSTREAM_MODAL_MIN_GPUS", 0)  # 1 = no cold start for the first stream, ~$19/day on L4
+MAX_GPUS = _env_int("DREAMSTREAM_MODAL_MAX_GPUS", 8)  # the bill's ceiling
+GPU_IDLE_S = _env_int("DREAMSTREAM_MODAL_GPU_IDLE_S", 300)  # outlives a scene switch, not a lunch break
+GPU_STARTUP_S = 20 * 60  # image pull + weights from the volume + torch.compile warm-up
+# One gateway container: every socket of a stream must meet in one process (the hub is in memory).
+GATEWAY_SOCKETS = _env_int("DREAMSTREAM_MODAL_GATEWAY_SOCKETS", 1000)  # concurrent requests + sockets
+SOCKET_LIFETIME_S = 24 * 3600  # Modal's longest input; clients reconnect when a socket ends
+SECRET_NAME = os.environ.get("DREAMSTREAM_MODAL_SECRET", "dreamstream-keys")  # "" = no keys (open server)
+SECRET_VARS = ("DREAMSTREAM_STREAM_KEYS", "DREAMSTREAM_BROADCAST_KEY", "DREAMSTREAM_VIEWER_TOKEN")
+MODELS_DIR = "/models"
+
+FORWARDED_ENV = {
+    name: value for name, value in os.environ.items()
+    if name.startswith("DREAMSTREAM_") and name not in SECRET_VARS
+}
+# Both containers: weights and torch.compile caches live on the volume, so a fresh container neither
+# downloads nor recompiles what another container already did.
+CONTAINER_ENV = {
+    "HF_HOME": f"{MODELS_DIR}/hf",
+    "TORCHINDUCTOR_CACHE_DIR": f"{MODELS_DIR}/torch-cache/inductor",
+    "TRITON_CACHE_DIR": f"{MODELS_DIR}/torch-cache/triton",
+    # a round of frames fills the GPU pool once (see GpuPool below)
+    "DREAMSTREAM_MAX_BATCH": str(GPU_BATCH * MAX_GPUS),
+    **FORWARDED_ENV,
+}
+# GPU containers only read the volume: a model missing there fails fast with a message naming it,
+# instead of each container downloading gigabytes on its own.
+GPU_ENV = {**CONTAINER_ENV, "HF_HUB_OFFLINE": "1"}
+
+app = modal.App(os.environ.get("DREAMSTREAM_MODAL_APP", "dreamstream"))
+
+
+# ## Images
+#
+# The gateway's image has the server's own dependencies and nothing else, so it starts in seconds;
+# the GPU image adds the diffusion stack on top. Versions are pinned to what the test suite runs.
+WEB_PACKAGES = [
+    "fastapi==0.165.0",
+    "uvicorn[standard]==0.54.0",
+    "websockets==17.4",
+    "jinja2==3.1.6",
+    "numpy==2.4.6",
+    "pillow==13.0.0",
+    "opencv-python-headless==5.0.0.93",
+    "simplejpeg==1.9.0",
+    "prometheus-client==0.26.0",
+]
+GPU_PACKAGES = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "diffusers==0.42.1",
+    "transformers==5.24.0",
+    "accelerate==1.15.0",
+    "controlnet-aux==0.0.10",
+    "safetensors==0.8.0",
+    "huggingface-hub==2.4.0",
+    "hf-xet==1.8.0",  # the hub's fast transfer backend, for download_models
+    "tqdm==4.70.1",
+]
+
+
+def _with_project(image: modal.Image) -> modal.Image:
+    """The project's code and the overlay pages, added last: editing them redeploys in seconds, no rebuild."""
+    return image.add_local_python_source("service", "obs_plugin").add_local_dir(
+        ROOT / "overlays", "/root/overlays", ignore=["**/.*", "**/__pycache__"]
+    )
+
+
+base_image = modal.Image.debian_slim(python_version="3.11").uv_pip_install(*WEB_PACKAGES)
+web_image = _with_project(base_image)
+# libGL and glib: controlnet-aux pulls in the full opencv-python, which links against them
+gpu_image = _with_project(base_image.apt_install("libgl1", "libglib2.0-0").uv_pip_install(*GPU_PACKAGES))
+
+
+# ## The weights
+#
+# One Volume holds the Hugging Face cache (HF_HOME) and the compile caches. It is filled once, from a
+# CPU container, by `modal run modal_app.py::download_models`; GPU containers mount it and load from it.
+models = modal.Volume.from_name("dreamstream-models", create_if_missing=True)
+
+# What to fetch per model option: a diffusers pipeline needs its sub-folders' configs and weights (not
+# the repo's single-file checkpoints at the top level); Lightning only its UNet files; the rest all of
+# their (small) repos' safetensors and configs. Both fp32 and fp16 files come along, whichever is loaded.
+WEIGHTS = ["*.json", "*.txt", "*.safetensors"]
+DOWNLOAD_PATTERNS: dict[str, list[str]] = {
+    "base_model": ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"],
+    "lightning_unet": ["sdxl_lightning_*step_unet*.safetensors"],
+}
+NOT_WEIGHTS_WE_LOAD = ["*.onnx*", "*openvino*", "*.msgpack", "*.h5", "*.ckpt", "*.bin", "*.pb", "*.tflite"]
+
+
+def download_plan(processors: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(label, hub id, file patterns) per model the processors load, deduplicated.
+
+    The ids are the processors' own defaults (service.processors.models.DEFAULTS) unless a DREAMSTREAM_*
+    model variable says otherwise, so what is downloaded is what the GPU containers will ask for.
+    """
+    from service.processors.depth import MIDAS_FILE
+    from service.processors.models import DEFAULTS, model_source
+
+    plan: dict[str, tuple[str, list[str]]] = {}
+    for processor in processors:
+        if processor not in DEFAULTS:
+            raise ValueError(f"processors must be among {', '.join(DEFAULTS)}; got {processor!r}")
+        for option in DEFAULTS[processor]:
+            # the tiny VAE is off unless asked for, but it is a few MB: fetch it so it can be turned on
+            source = model_source(processor, option) or model_source(processor, option, True)
+            if source is None or source.looks_like_path:
+                continue  # a local path inside the image: nothing to download
+            patterns = DOWNLOAD_PATTERNS.get(option, WEIGHTS)
+            if "annotators" in source.value.lower():
+                patterns = [MIDAS_FILE]  # controlnet-aux's MiDaS: one checkpoint of a large repo
+            label, known = plan.get(source.value, ("", []))
+            plan[source.value] = (
+                f"{label}, {processor} {option}" if label else f"{processor} {option}",
+                sorted({*known, *patterns}),
+            )
+    return [(label, repo, patterns) for repo, (label, patterns) in plan.items()]
+
+
+@app.function(image=gpu_image, volumes={MODELS_DIR: models}, env=CONTAINER_ENV, timeout=3 * 3600)
+def download_models(processors: str = "lightning,standard") -> None:
+    """Fill the volume with the weights the processors load; reruns only fetch what is missing."""
+    from huggingface_hub import snapshot_download
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    plan = download_plan([p.strip() for p in processors.split(",") if p.strip()])
+    started = time.monotonic()
+    for n, (label, repo, patterns) in enumerate(plan, 1):
+        print(f"[{n}/{len(plan)}] {repo} ({label})", flush=True)
+        path = Path(snapshot_download(repo, allow_patterns=patterns, ignore_patterns=NOT_WEIGHTS_WE_LOAD))
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        print(f"      {size / 1e9:.2f} GB in {path}", flush=True)
+        models.commit()  # each finished repo survives an interrupted run
+    print(f"done in {time.monotonic() - started:.0f} s; `modal deploy modal_app.py` next", flush=True)
+
+
+# ## The GPU class
+#
+# One container = one GPU = one Engine, loaded once in `@modal.enter`. `@modal.batched` gathers the
+# frames that arrive within BATCH_WAIT_MS (up to GPU_BATCH, from any streams and any gateway) into one
+# call; the Engine groups them by processor and restyles each group in one batch. Modal starts more
+# containers when frames queue up and stops them after GPU_IDLE_S without work.
+def default_config(settings: Settings, processor: str) -> StreamConfig:
+    """A new stream's config, as the server builds it (the Engine uses it to construct processors)."""
+    steps = settings.steps or DEFAULT_STEPS.get(processor, 1)
+    return StreamConfig(
+        prompt=settings.prompt, strength=settings.strength, num_steps=steps,
+        processor_type=processor, use_controlnet=settings.use_controlnet,
+    )
+
+
+def pool_processor(settings: Settings) -> str:
+    """`auto` means lightning here: every container of the pool has a CUDA GPU (SPEC §3)."""
+    return "lightning" if settings.processor == "auto" else settings.processor
+
+
+def portable(result: bytes | Exception) -> bytes | Exception:
+    """What goes back to the gateway: JPEG bytes, a FrameError (its protocol code matters), or a RuntimeError.
+
+    The gateway's image has no torch: a torch or diffusers exception would not unpickle there and would
+    fail the whole call. Its message is all the broadcaster is shown anyway.
+    """
+    if isinstance(result, (bytes, codec.FrameError)):
+        return result
+    return RuntimeError(str(result) or type(result).__name__)
+
+
+@app.cls(
+    gpu=GPU,
+    image=gpu_image,
+    volumes={MODELS_DIR: models},
+    env=GPU_ENV,
+    min_containers=MIN_GPUS,
+    max_containers=MAX_GPUS,
+    scaledown_window=GPU_IDLE_S,
+    timeout=10 * 60,  # one batch, including a processor loaded on first use
+    startup_timeout=GPU_STARTUP_S,
+)
+class Restyler:
+    @modal.enter()
+    def load(self) -> None:
+        """Build the Engine and load + warm the default processor before the first frame waits on it."""
+        logging.basicConfig(level=logging.INFO)
+        settings = Settings.from_env()
+        processor = pool_processor(settings)
+        self.engine = Engine(
+            default_config(settings, processor), settings.processor_options,
+            settings.max_frame_bytes, settings.max_frame_side, settings.jpeg_quality,
+        )
+        try:
+            self.engine.processor(processor)
+        except Exception as exc:  # frames will carry the message; the container stays up to say it
+            log.error("%s; is the volume filled? `modal run modal_app.py::download_models`", exc)
+
+    @modal.batched(max_batch_size=GPU_BATCH, wait_ms=BATCH_WAIT_MS)
+    def restyle(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
+        """Frames of any streams in, one result per frame out: JPEG bytes or what stopped that frame."""
+        return [portable(result) for result in self.engine.run(jobs)]
+
+
+# ## The gateway
+#
+# The FastAPI app of `dreamstream serve`, with a backend that sends frames to the GPU class. Each frame
+# of a scheduler round is its own `.remote.aio` call, all at once, so Modal can spread one round over
+# several containers and `@modal.batched` regroups them there; a round waits for its slowest frame.
+RestyleOne = Callable[[FrameJob], Awaitable[bytes | Exception]]
+
+
+class GpuPool(CallableBackend):
+    """The gateway's processor backend: a frame in, `restyle_one(job)` somewhere, JPEG bytes back."""
+
+    def __init__(self, restyle_one: RestyleOne, settings: Settings, warmup_timeout_s: float) -> None:
+        processor = pool_processor(settings)
+        super().__init__(
+            self.restyle_all, processor, f"modal:{GPU_LABEL}",
+            f"Modal GPU pool ({GPU_LABEL}, up to {MAX_GPUS}); the {processor} processor",
+        )
+        self.restyle_one = restyle_one
+        self.frame_timeout_s = settings.processing_timeout_s
+        self.warmup_timeout_s = warmup_timeout_s
+        self.warmup_job = FrameJob(
+            "_warmup", codec.encode_jpeg(np.full((64, 64, 3), 128, np.uint8)), default_config(settings, processor)
+        )
+
+    async def start(self) -> None:
+        """Wake a GPU container now, so it loads while the broadcaster is still choosing a camera."""
+        log.info("waiting for a GPU container (the first start loads the models: minutes)")
+        try:
+            result = await asyncio.wait_for(self.restyle_one(self.warmup_job), self.warmup_timeout_s)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"no GPU container answered within {self.warmup_timeout_s:.0f} s") from None
+        if isinstance(result, Exception):
+            raise RuntimeError(f"the GPU pool cannot process frames: {result}")
+
+    async def restyle_all(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
+        async def one(job: FrameJob) -> bytes | Exception:
+            try:
+                return await asyncio.wait_for(self.restyle_one(job), self.frame_timeout_s)
+            except asyncio.TimeoutError:
+                return TimeoutError(f"the GPU pool took longer than {self.frame_timeout_s:.0f} s")
+            except Exception as exc:  # one lost frame, not a lost round
+                log.warning("frame of stream %s failed on the way: %r", job.stream_id, exc)
+                return exc
+
+        return list(await asyncio.gather(*(one(job) for job in jobs)))
+
+
+def gateway_app(
+    restyle_one: RestyleOne, settings: Settings | None = None, warmup_timeout_s: float = GPU_STARTUP_S
+) -> FastAPI:
+    """The server's app with its frames sent to `restyle_one`: the GPU class on Modal, anything in tests."""
+    settings = settings or Settings.from_env(host="0.0.0.0")  # public: warns when no stream keys are set
+    return create_app(settings, backend=GpuPool(restyle_one, settings, warmup_timeout_s))
+
+
+# One container only (max_containers=1): a stream's broadcaster and its viewers must reach the same hub.
+# It holds GATEWAY_SOCKETS sockets and requests at once (asyncio, one event loop); to go past one
+# container, deploy this app once per shard of stream ids (DREAMSTREAM_MODAL_APP=dreamstream-b) and send
+# each stream to its shard's URL; docs/SCALING.md has the numbers. The GPU pool is shared by all shards.
+@app.function(
+    image=web_image,
+    secrets=[modal.Secret.from_name(SECRET_NAME)] if SECRET_NAME else [],
+    env=CONTAINER_ENV,
+    cpu=2.0,
+    memory=2048,
+    max_containers=1,
+    scaledown_window=5 * 60,
+    timeout=SOCKET_LIFETIME_S,
+)
+@modal.concurrent(max_inputs=GATEWAY_SOCKETS)
+@modal.asgi_app()
+def web() -> FastAPI:
+    """Studio at /, overlays at /overlay/{id}, sockets at /ws/...: `modal deploy` prints the URL."""
+    logging.basicConfig(level=logging.INFO)
+    return gateway_app(Restyler().restyle.remote.aio)
