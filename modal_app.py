@@ -183,7 +183,10 @@ def download_plan(processors: list[str]) -> list[tuple[str, str, list[str]]]:
 
 @app.function(image=gpu_image, volumes={MODELS_DIR: models}, env=CONTAINER_ENV, timeout=3 * 3600)
 def download_models(processors: str = "lightning,standard") -> None:
-    """Fill the volume with the weights the processors load; reruns only fetch what is missing."""
+    """Fill the volume with the weights the processors load; reruns only fetch what is missing.
+
+    `download_models.local()` fills this machine's Hugging Face cache the same way.
+    """
     from huggingface_hub import snapshot_download
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -194,7 +197,8 @@ def download_models(processors: str = "lightning,standard") -> None:
         path = Path(snapshot_download(repo, allow_patterns=patterns, ignore_patterns=NOT_WEIGHTS_WE_LOAD))
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         print(f"      {size / 1e9:.2f} GB in {path}", flush=True)
-        models.commit()  # each finished repo survives an interrupted run
+        if not modal.is_local():
+            models.commit()  # each finished repo survives an interrupted run
     print(f"done in {time.monotonic() - started:.0f} s; `modal deploy modal_app.py` next", flush=True)
 
 
