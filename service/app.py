@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import ipaddress
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -27,6 +28,9 @@ from service.scheduler import Scheduler
 from service.sockets import broadcaster_socket, viewer_socket
 
 log = logging.getLogger("dreamstream")
+
+SHUTDOWN_GRACE_S = 10.0  # how long shutdown waits for the batch in flight
+CONFIG_BODY_LIMIT = 64 * 1024
 
 
 class DreamStream:
@@ -67,12 +71,14 @@ class DreamStream:
         self.backend = backend
         self.scheduler = Scheduler(self.hub, backend, settings.max_batch)
         self.ready = False
+        self.closing = False  # set by `drain`: new sockets are refused with 1001
+        self.pending_requests = 0  # POST /api/process calls in progress
         self.load_error: str | None = None
         self._loading: asyncio.Task | None = None
 
     async def startup(self) -> None:
         log.info("processor: %s (%s)", self.backend.processor, self.backend.reason)
-        if self.settings.host not in ("127.0.0.1", "localhost", "::1") and not self.settings.keys_enabled:
+        if not _is_loopback(self.settings.host) and not self.settings.keys_enabled:
             log.warning(
                 "serving on %s with no stream keys: anyone who can reach it can broadcast. "
                 "Set DREAMSTREAM_STREAM_KEYS or DREAMSTREAM_BROADCAST_KEY.",
@@ -90,10 +96,25 @@ class DreamStream:
             log.error("the %s processor failed to load: %s", self.backend.processor, exc)
         self.scheduler.start()  # even after a failed load: frames then get processing_failed, not silence
 
+    async def drain(self) -> None:
+        """A graceful stop, before the server closes connections: refuse new sockets, let the batch in
+        flight finish and reach its viewers, then close every socket with 1001 (going away).
+
+        `dreamstream serve` runs this ahead of uvicorn's own shutdown, which would close the sockets
+        with 1012 before the app's lifespan hears of it (see service/cli.py).
+        """
+        if self.closing:
+            return
+        self.closing = True
+        log.info("shutting down: finishing the frames in flight, then closing sockets with 1001")
+        await self.scheduler.stop(SHUTDOWN_GRACE_S)
+        await self.hub.close_all(1001, "server shutting down", timeout=2.0)
+
     async def shutdown(self) -> None:
+        self.closing = True
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
-        await self.scheduler.stop()
+        await self.scheduler.stop(SHUTDOWN_GRACE_S)
         await self.backend.close()
 
     def health(self) -> dict[str, Any]:
@@ -108,6 +129,15 @@ class DreamStream:
         }
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
 def _http_error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status)
 
@@ -115,8 +145,22 @@ def _http_error(status: int, code: str, message: str) -> JSONResponse:
 _STATUS_FOR = {"bad_frame": 400, "bad_message": 400, "bad_config": 422, "too_large": 413}
 
 
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None when it is over `limit`, checked as it arrives (never buffered whole)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 def create_app(settings: Settings | None = None, backend: ProcessorBackend | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
+    auth.install_log_redaction()
     ds = DreamStream(settings, backend)
 
     @asynccontextmanager
@@ -149,18 +193,15 @@ def create_app(settings: Settings | None = None, backend: ProcessorBackend | Non
                 "content": {
                     "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
                     "image/png": {"schema": {"type": "string", "format": "binary"}},
+                    "image/webp": {"schema": {"type": "string", "format": "binary"}},
                     "application/json": {
                         "schema": {
                             "type": "object",
                             "required": ["image"],
+                            "additionalProperties": False,
                             "properties": {
                                 "image": {"type": "string", "description": "base64 or data URL"},
-                                "prompt": {"type": "string"},
-                                "strength": {"type": "number"},
-                                "num_steps": {"type": "integer"},
-                                "processor_type": {"type": "string"},
-                                "use_controlnet": {"type": "boolean"},
-                                "seed": {"type": "integer"},
+                                **protocol.CONFIG_SCHEMA["properties"],
                             },
                         }
                     },
@@ -170,15 +211,28 @@ def create_app(settings: Settings | None = None, backend: ProcessorBackend | Non
     )
     async def process(request: Request) -> Response:
         """Restyle one image: raw image bytes, or JSON {"image": b64, "prompt": ...}; JPEG back."""
-        body = await request.body()
-        if len(body) > settings.max_frame_bytes * 4 // 3 + 4096:
+        if ds.pending_requests >= settings.max_pending_requests:
+            return JSONResponse(
+                {"error": "busy", "message": "too many images waiting to be processed; retry shortly"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
+        ds.pending_requests += 1
+        try:
+            return await _process(request)
+        finally:
+            ds.pending_requests -= 1
+
+    async def _process(request: Request) -> Response:
+        body = await _read_body(request, settings.max_frame_bytes * 4 // 3 + 4096)
+        if body is None:
             return _http_error(413, "too_large", f"request is over the {settings.max_frame_bytes}-byte frame limit")
         config = ds.default_config
         try:
             if request.headers.get("content-type", "").startswith("application/json"):
                 try:
                     obj = json.loads(body)
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                except (ValueError, RecursionError):  # ValueError: also bad UTF-8 and integers of 4300+ digits
                     return _http_error(400, "bad_message", "body is not valid JSON")
                 if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
                     return _http_error(400, "bad_message", "JSON body needs 'image': a base64 string or data URL")
@@ -199,7 +253,13 @@ def create_app(settings: Settings | None = None, backend: ProcessorBackend | Non
             return _http_error(503, "processing_failed", f"processing failed: {result}")
         return Response(result, media_type="image/jpeg")
 
-    @app.post("/api/streams/{stream_id}/config")
+    @app.post(
+        "/api/streams/{stream_id}/config",
+        responses={200: {}, 400: {}, 401: {}, 404: {}, 413: {}, 422: {}},
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": protocol.CONFIG_SCHEMA}}}
+        },
+    )
     async def set_config(stream_id: str, request: Request, key: str | None = None) -> Response:
         """The `config` message over HTTP, for Stream Deck buttons, OBS macros and chat bots."""
         if not valid_stream_id(stream_id):
@@ -210,11 +270,15 @@ def create_app(settings: Settings | None = None, backend: ProcessorBackend | Non
         stream = ds.hub.streams.get(stream_id)
         if stream is None:
             return _http_error(404, "unknown_stream", f"stream {stream_id!r} is not live; start its broadcaster first")
+        body = await _read_body(request, CONFIG_BODY_LIMIT)
+        if body is None:
+            return _http_error(413, "too_large", f"config bodies are limited to {CONFIG_BODY_LIMIT} bytes")
         try:
-            changes = protocol.parse_config_changes(json.loads(await request.body()))
-            config = ds.hub.set_config(stream, changes)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = json.loads(body)
+        except (ValueError, RecursionError):  # ValueError: also bad UTF-8 and integers of 4300+ digits
             return _http_error(400, "bad_message", "body is not valid JSON")
+        try:
+            config = ds.hub.set_config(stream, protocol.parse_config_changes(obj))
         except protocol.ProtocolError as exc:
             return _http_error(422, exc.code, exc.message)
         except ValueError as exc:

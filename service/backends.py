@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from service.engine import Engine, FrameJob
@@ -36,6 +37,50 @@ class ProcessorBackend(ABC):
         return {"processor": self.processor, "device": self.device, "reason": self.reason}
 
 
+class _Worker:
+    """One daemon thread that runs calls in order.
+
+    Not a ThreadPoolExecutor: the interpreter joins those threads at exit, so one processor call
+    that never returns would keep a stopped server from ever exiting.
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future, Any] | None]
+        self._calls = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="dreamstream-worker", daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._calls.put((fn, args, future, loop))
+        return future
+
+    def stop(self) -> None:
+        """Ends the thread after the call it is in, if any."""
+        self._calls.put(None)
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            fn, args, future, loop = call
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # handed to the awaiting coroutine
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller gave up (timeout)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class LocalBackend(ProcessorBackend):
     """Runs an Engine in one worker thread: the thread owns the processors (they are not thread-safe)."""
 
@@ -45,28 +90,29 @@ class LocalBackend(ProcessorBackend):
         self.reason = reason
         self.timeout_s = timeout_s
         self.device = "cpu"
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dreamstream-worker")
+        self._worker = _Worker()
+        self._lock = asyncio.Lock()  # one call at a time, so the timeout measures processing, not queueing
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        proc = await loop.run_in_executor(self._executor, self.engine.processor, self.processor)
+        async with self._lock:
+            proc = await self._worker.submit(self.engine.processor, self.processor)
         self.device = proc.device
 
     async def process(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self.engine.run, jobs)
-        try:
-            return await asyncio.wait_for(future, self.timeout_s)
-        except asyncio.TimeoutError:
-            # The stuck call keeps its thread; later frames get a fresh one so the streams go on.
-            log.error("processing took longer than %.0f s; abandoning that call and going on", self.timeout_s)
-            self._executor.shutdown(wait=False)
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="dreamstream-worker")
-            error = TimeoutError(f"processing took longer than {self.timeout_s:.0f} s")
-            return [error] * len(jobs)
+        async with self._lock:
+            future = self._worker.submit(self.engine.run, jobs)
+            try:
+                return await asyncio.wait_for(future, self.timeout_s)
+            except asyncio.TimeoutError:
+                # The stuck call keeps its thread; later frames get a fresh one so the streams go on.
+                log.error("processing took longer than %.0f s; abandoning that call and going on", self.timeout_s)
+                self._worker.stop()
+                self._worker = _Worker()
+                error = TimeoutError(f"processing took longer than {self.timeout_s:g} s")
+                return [error] * len(jobs)
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._worker.stop()
 
 
 class CallableBackend(ProcessorBackend):

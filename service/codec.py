@@ -20,7 +20,6 @@ from PIL import Image
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_SIDE = 4096
 _DATA_URL_RE = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
-_FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp", "MPO": "jpeg"}
 
 
 class FrameError(ValueError):
@@ -67,26 +66,101 @@ def b64_size_ok(text: str, max_bytes: int) -> bool:
     return len(text) * 3 // 4 <= max_bytes + 3 + 200  # allow the data-URL prefix
 
 
+# Structural caps, far above what real encoders write, that keep `probe` and the decoders cheap.
+MAX_JPEG_SEGMENTS = 64  # markers before the first scan; browsers and cameras write about 10
+MAX_JPEG_SCANS = 100  # progressive JPEGs have about 10; thousands make libjpeg spin (a known CPU bomb)
+MAX_PNG_CHUNKS = 4096  # libpng writes 8 KiB IDATs: a 4 MiB PNG has about 500 chunks
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
+
+
 def probe(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_side: int = DEFAULT_MAX_SIDE) -> FrameInfo:
-    """Check an encoded image against the limits from its header alone."""
+    """Check an encoded image against the limits from its header alone.
+
+    A hand-written parser rather than `Image.open`: Pillow walks PNG chunks and JPEG markers in
+    Python, so a crafted 4 MiB frame of tiny chunks held the event loop (and every viewer) for
+    seconds. This one does a bounded amount of work per frame and rejects such files outright.
+    """
     if len(data) > max_bytes:
         raise FrameError("too_large", f"frame is {len(data)} bytes; the limit is {max_bytes}")
     if not data:
         raise FrameError("bad_frame", "frame is empty")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt, (width, height) = img.format, img.size
-    except Image.DecompressionBombError:
-        raise FrameError("too_large", f"frame dimensions exceed {max_side} px a side") from None
-    except Exception:
-        raise FrameError("bad_frame", "frame is not a JPEG, PNG or WebP image") from None
-    if fmt not in _FORMATS:
-        raise FrameError("bad_frame", f"frame format {fmt} is not supported; send JPEG, PNG or WebP")
+    if data[:3] == b"\xff\xd8\xff":
+        fmt, (width, height) = "jpeg", _jpeg_size(data)
+    elif data[:8] == _PNG_SIGNATURE:
+        fmt, (width, height) = "png", _png_size(data)
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        fmt, (width, height) = "webp", _webp_size(data)
+    else:
+        raise FrameError("bad_frame", "frame is not a JPEG, PNG or WebP image")
     if width > max_side or height > max_side:
         raise FrameError("too_large", f"frame is {width}x{height}; the limit is {max_side} px a side")
     if width < 1 or height < 1:
         raise FrameError("bad_frame", "frame has no pixels")
-    return FrameInfo(_FORMATS[fmt], width, height)
+    return FrameInfo(fmt, width, height)
+
+
+def _bad(message: str) -> FrameError:
+    return FrameError("bad_frame", message)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the SOF marker, walking at most MAX_JPEG_SEGMENTS markers to the first scan."""
+    pos, size, end = 2, None, len(data)
+    for _ in range(MAX_JPEG_SEGMENTS):
+        if pos >= end or data[pos] != 0xFF:
+            raise _bad("JPEG header is truncated or corrupt")
+        while pos < end and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos + 2 >= end:
+            raise _bad("JPEG header is truncated")
+        marker = data[pos]
+        pos += 1
+        if marker in _JPEG_STANDALONE:
+            continue
+        length = int.from_bytes(data[pos:pos + 2], "big")
+        if length < 2:
+            raise _bad("JPEG header is corrupt")
+        if marker in _JPEG_SOF:
+            if pos + 7 > end:
+                raise _bad("JPEG frame header is truncated")
+            size = int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 3:pos + 5], "big")
+        elif marker == 0xDA:  # start of scan: the header is over
+            if size is None:
+                raise _bad("JPEG has no frame header before its image data")
+            if data.count(b"\xff\xda") > MAX_JPEG_SCANS:  # 0xFF is byte-stuffed inside scans: a fast exact count
+                raise _bad(f"JPEG has more than {MAX_JPEG_SCANS} scans")
+            return size
+        pos += length
+    raise _bad(f"JPEG has more than {MAX_JPEG_SEGMENTS} header segments")
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from IHDR, which must come first; at most MAX_PNG_CHUNKS chunks in all."""
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise _bad("PNG header is truncated or corrupt")
+    pos, end = 8, len(data)
+    for _ in range(MAX_PNG_CHUNKS):
+        if pos + 8 > end or data[pos + 4:pos + 8] == b"IEND":
+            return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    raise _bad(f"PNG has more than {MAX_PNG_CHUNKS} chunks")
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the first chunk: VP8X (extended), VP8L (lossless) or VP8 (lossy)."""
+    kind = data[12:16]
+    if len(data) < 30:
+        raise _bad("WebP header is truncated")
+    if kind == b"VP8X":
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if kind == b"VP8L" and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if kind == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    raise _bad("WebP header is corrupt or of an unknown kind")
 
 
 def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
@@ -98,7 +172,7 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_side: int = DEFA
                 return simplejpeg.decode_jpeg(data, colorspace="RGB")
             except ValueError:
                 pass  # CMYK, progressive oddities: Pillow handles what libjpeg-turbo's fast path refuses
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=[info.format.upper()]) as img:
             return np.asarray(img.convert("RGB"))
     except FrameError:
         raise

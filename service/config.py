@@ -118,6 +118,8 @@ class Settings:
     max_streams: int = 100
     max_batch: int = 8
     processing_timeout_s: float = 30.0
+    max_message_bytes: int = 16 * 1024 * 1024  # any WebSocket message; bigger ones close the socket (1009)
+    max_pending_requests: int = 8  # POST /api/process calls waiting for the processor; more get 503
     jpeg_quality: int = 85
 
     @classmethod
@@ -137,6 +139,8 @@ class Settings:
             max_streams=_env_int("DREAMSTREAM_MAX_STREAMS", 100),
             max_batch=_env_int("DREAMSTREAM_MAX_BATCH", 8),
             processing_timeout_s=_env_float("DREAMSTREAM_PROCESSING_TIMEOUT", 30.0),
+            max_message_bytes=_env_int("DREAMSTREAM_MAX_MESSAGE_BYTES", 16 * 1024 * 1024),
+            max_pending_requests=_env_int("DREAMSTREAM_MAX_PENDING_REQUESTS", 8),
             processor=env.get("DREAMSTREAM_PROCESSOR", "auto"),
         )
         for key, value in overrides.items():
@@ -147,3 +151,8 @@ class Settings:
     @property
     def keys_enabled(self) -> bool:
         return bool(self.stream_keys or self.broadcast_key)
+
+    @property
+    def ws_max_size(self) -> int:
+        """uvicorn's per-message cap: at least a max-size frame as base64 JSON, so it gets `too_large`, not 1009."""
+        return max(self.max_message_bytes, self.max_frame_bytes * 4 // 3 + 64 * 1024)

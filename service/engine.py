@@ -97,16 +97,28 @@ class Engine:
                 (i, FrameRequest(image, cfg.prompt, cfg.strength, cfg.num_steps, cfg.seed, cfg.use_controlnet))
             )
         for processor_type, items in groups.items():
-            try:
-                outputs = self.processor(processor_type).process_batch([req for _, req in items])
-                for (i, _), out in zip(items, outputs, strict=True):
-                    results[i] = codec.encode_jpeg(np.asarray(out), self.jpeg_quality)
-            except Exception as exc:  # a processor failure fails its frames, not the server
-                if not isinstance(exc, ProcessorLoadError):
-                    log.exception("%s processor failed on a batch of %d", processor_type, len(items))
-                for i, _ in items:
-                    results[i] = exc
+            for i, result in self._run_group(processor_type, items):
+                results[i] = result
         return [r if r is not None else RuntimeError("frame was not processed") for r in results]
+
+    def _run_group(
+        self, processor_type: str, items: list[tuple[int, FrameRequest]]
+    ) -> list[tuple[int, bytes | Exception]]:
+        """One processor call for the group; if it fails, one call per frame, so only the frames that
+        really fail (one stream's, or a batch too big for the GPU) get `processing_failed`."""
+        try:
+            outputs = self.processor(processor_type).process_batch([req for _, req in items])
+            return [
+                (i, codec.encode_jpeg(np.asarray(out), self.jpeg_quality))
+                for (i, _), out in zip(items, outputs, strict=True)
+            ]
+        except Exception as exc:  # a processor failure fails its frames, not the server
+            if isinstance(exc, ProcessorLoadError):
+                return [(i, exc) for i, _ in items]
+            log.exception("%s processor failed on a batch of %d", processor_type, len(items))
+            if len(items) == 1:
+                return [(items[0][0], exc)]
+        return [result for item in items for result in self._run_group(processor_type, [item])]
 
     def describe(self) -> dict[str, Any]:
         loaded = {name: proc.describe() for name, proc in self.processors.items()}

@@ -76,6 +76,8 @@ class Connection:
         self._frame: OutFrame | None = None
         self._wake = asyncio.Event()
         self.closed = False
+        self._close_with: tuple[int, str] | None = None
+        self.finished = asyncio.Event()  # set when the pump has stopped
 
     def send_control(self, message: dict[str, Any]) -> None:
         self._control.append(json.dumps(message))
@@ -91,21 +93,32 @@ class Connection:
         return replaced
 
     async def pump(self) -> None:
-        """Send until the socket fails or `close` is called."""
-        while not self.closed:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._control:
-                await self.ws.send_text(self._control.popleft())
-            frame, self._frame = self._frame, None
-            if frame is not None:
-                if self.binary:
-                    await self.ws.send_bytes(frame.jpeg)
-                else:
-                    await self.ws.send_text(frame.text())
+        """Send until the socket fails, `close` is called, or `close_after_flush` has flushed."""
+        try:
+            while not self.closed:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._control:
+                    await self.ws.send_text(self._control.popleft())
+                frame, self._frame = self._frame, None
+                if frame is not None:
+                    if self.binary:
+                        await self.ws.send_bytes(frame.jpeg)
+                    else:
+                        await self.ws.send_text(frame.text())
+                if self._close_with is not None and not self._control and self._frame is None:
+                    await self.ws.close(*self._close_with)
+                    return
+        finally:
+            self.finished.set()
 
     def close(self) -> None:
         self.closed = True
+        self._wake.set()
+
+    def close_after_flush(self, code: int, reason: str) -> None:
+        """Send what is queued (the last frame included), then close the socket with `code`."""
+        self._close_with = (code, reason)
         self._wake.set()
 
 
@@ -188,11 +201,20 @@ class StreamHub:
 
     # ---- streams, broadcasters, viewers ----------------------------------------------------
 
-    def open(self, stream_id: str) -> Stream:
+    def open(self, stream_id: str, broadcaster: bool = False) -> Stream:
+        """The stream, created if new. HubFull when at the stream limit.
+
+        Live streams (with a broadcaster) and waiting ones (viewers only) are counted apart, each up
+        to DREAMSTREAM_MAX_STREAMS: viewers, who need no key to wait, must not be able to fill the
+        server with made-up stream ids and lock the real broadcasters out.
+        """
         stream = self.streams.get(stream_id)
+        if broadcaster and (stream is None or stream.broadcaster is None):
+            if sum(s.broadcaster is not None for s in self.streams.values()) >= self.max_streams:
+                raise HubFull(f"the server already has {self.max_streams} live streams (DREAMSTREAM_MAX_STREAMS)")
+        elif stream is None and sum(s.broadcaster is None for s in self.streams.values()) >= self.max_streams:
+            raise HubFull(f"the server already has {self.max_streams} streams waiting for a broadcaster")
         if stream is None:
-            if len(self.streams) >= self.max_streams:
-                raise HubFull(f"the server already has {self.max_streams} streams (DREAMSTREAM_MAX_STREAMS)")
             stream = self.streams[stream_id] = Stream(stream_id, self.default_config)
             stream.tokens, stream.tokens_at = self.burst, time.monotonic()
             self.metrics.streams.set(len(self.streams))
@@ -233,6 +255,7 @@ class StreamHub:
 
     def add_viewer(self, stream: Stream, viewer: Connection) -> None:
         if len(stream.viewers) >= self.max_viewers:
+            self._close_if_idle(stream)
             raise HubFull(f"stream {stream.id} already has {self.max_viewers} viewers (DREAMSTREAM_MAX_VIEWERS)")
         stream.viewers.add(viewer)
         self.metrics.viewers.labels(stream.id).set(len(stream.viewers))
@@ -334,3 +357,19 @@ class StreamHub:
 
     def viewer_count(self) -> int:
         return sum(len(s.viewers) for s in self.streams.values())
+
+    async def close_all(self, code: int, reason: str, timeout: float) -> None:
+        """Close every socket with `code` once its queued messages and last frame are sent.
+
+        Waits at most `timeout`: a viewer that stopped reading keeps its socket until uvicorn's own
+        shutdown drops it.
+        """
+        conns = [c for s in self.streams.values() for c in (s.broadcaster, *s.viewers) if c is not None]
+        for conn in conns:
+            conn.close_after_flush(code, reason)
+        if not conns:
+            return
+        waiters = [asyncio.ensure_future(c.finished.wait()) for c in conns]
+        _, late = await asyncio.wait(waiters, timeout=timeout)
+        for waiter in late:
+            waiter.cancel()

@@ -15,7 +15,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.frames_in = Counter("dreamstream_frames_in", "Frames received from broadcasters", ["stream"], registry=r)
-        self.frames_out = Counter("dreamstream_frames_processed", "Frames processed and sent to viewers", ["stream"], registry=r)
+        self.frames_out = Counter(
+            "dreamstream_frames_processed", "Frames processed and sent to viewers", ["stream"], registry=r
+        )
         self.frames_dropped = Counter(
             "dreamstream_frames_dropped",
             "Frames dropped: superseded by a newer one, over the fps limit, or stale after a config change",

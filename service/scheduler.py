@@ -22,26 +22,31 @@ class Scheduler:
         self.max_batch = max_batch
         self.in_flight: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="dreamstream-scheduler")
 
-    async def stop(self) -> None:
-        """Finish the batch in flight, then stop."""
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Let the batch in flight finish and reach its viewers (up to `timeout`), then stop.
+
+        The loop itself publishes the batch and then sees `_stopping`; cancelling it while a batch is
+        in flight would throw the styled frames away.
+        """
+        self._stopping = True
+        task = self._task
+        if task is None or task.done():
+            return
         if self.in_flight is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self.in_flight), 10)
-            except Exception:
-                pass
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            done, _ = await asyncio.wait([task], timeout=timeout)
+            if done:
+                return
+            log.warning("the batch in flight did not finish within %.0f s of shutdown", timeout)
+        task.cancel()  # idle (waiting for work), or out of time
+        await asyncio.gather(task, return_exceptions=True)
 
     async def run(self) -> None:
-        while True:
+        while not self._stopping:
             await self.hub.wait_for_work()
             jobs = self.hub.take_batch(self.max_batch)
             if not jobs:

@@ -18,12 +18,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("dreamstream.sockets")
 
 POLICY_VIOLATION = 1008
+GOING_AWAY = 1001
 
 
-async def refuse(ws: WebSocket, reason: str) -> None:
-    """Accept, then close with 1008, so every client sees the code and the reason (not a bare HTTP 403)."""
+async def refuse(ws: WebSocket, reason: str, code: int = POLICY_VIOLATION) -> None:
+    """Accept, then close with `code`, so every client sees the code and the reason (not a bare HTTP 403)."""
     await ws.accept()
-    await ws.close(code=POLICY_VIOLATION, reason=reason[:120])
+    await ws.close(code=code, reason=reason[:120])
+
+
+def _refusal(ds: DreamStream, ws: WebSocket, stream_id: str) -> str | None:
+    """Why this socket may not open, before any role-specific check (None: go on)."""
+    if ds.closing:
+        return "the server is shutting down"
+    if not valid_stream_id(stream_id):
+        return "stream id must be 1-64 characters of A-Z a-z 0-9 _ -"
+    if not auth.origin_allowed(ds.settings, ws.headers.get("origin"), ws.headers.get("host")):
+        log.warning("stream %s: socket refused: origin %.100r is not allowed", stream_id, ws.headers.get("origin"))
+        return "origin not allowed (DREAMSTREAM_ALLOWED_ORIGINS)"
+    return None
 
 
 def _ds(ws: WebSocket) -> DreamStream:
@@ -42,16 +55,13 @@ async def _run_until_either(*coros) -> None:
 
 async def broadcaster_socket(ws: WebSocket, stream_id: str) -> None:
     ds = _ds(ws)
-    settings = ds.settings
-    if not valid_stream_id(stream_id):
-        return await refuse(ws, "stream id must be 1-64 characters of A-Z a-z 0-9 _ -")
-    if not auth.origin_allowed(settings, ws.headers.get("origin")):
-        return await refuse(ws, "origin not allowed")
-    if not auth.broadcaster_allowed(settings, stream_id, ws.query_params.get("key")):
+    if (why := _refusal(ds, ws, stream_id)) is not None:
+        return await refuse(ws, why, GOING_AWAY if ds.closing else POLICY_VIOLATION)
+    if not auth.broadcaster_allowed(ds.settings, stream_id, ws.query_params.get("key")):
         log.warning("stream %s: broadcaster refused: missing or wrong stream key", stream_id)
         return await refuse(ws, "missing or wrong stream key")
     try:
-        stream = ds.hub.open(stream_id)
+        stream = ds.hub.open(stream_id, broadcaster=True)
     except HubFull as exc:
         return await refuse(ws, str(exc))
     await ws.accept()
@@ -116,8 +126,8 @@ async def accept_frame(ds: DreamStream, stream: Stream, data: bytes, ts: float |
 async def viewer_socket(ws: WebSocket, stream_id: str) -> None:
     ds = _ds(ws)
     query = ws.query_params
-    if not valid_stream_id(stream_id):
-        return await refuse(ws, "stream id must be 1-64 characters of A-Z a-z 0-9 _ -")
+    if (why := _refusal(ds, ws, stream_id)) is not None:
+        return await refuse(ws, why, GOING_AWAY if ds.closing else POLICY_VIOLATION)
     if not auth.viewer_allowed(ds.settings, query.get("token")):
         log.warning("stream %s: viewer refused: missing or wrong token", stream_id)
         return await refuse(ws, "missing or wrong viewer token")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -93,4 +95,20 @@ class IdentityProcessor(Processor):
     name = "identity"
 
     def process_batch(self, requests: list[FrameRequest]) -> list[np.ndarray]:
+        if os.environ.get(TEST_FAULTS_ENV) == "1":
+            for request in requests:
+                inject_test_fault(request.prompt)
         return [r.image for r in requests]
+
+
+TEST_FAULTS_ENV = "DREAMSTREAM_TEST_FAULTS"
+
+
+def inject_test_fault(prompt: str) -> None:
+    """TEST ONLY, and only with DREAMSTREAM_TEST_FAULTS=1: lets a test make a real server's processor
+    fail. The prompt `fault:raise` raises; `fault:sleep=S` blocks the worker for S seconds (a hang
+    when S is past DREAMSTREAM_PROCESSING_TIMEOUT). Any other prompt does nothing."""
+    if prompt == "fault:raise":
+        raise RuntimeError("injected test fault")
+    if prompt.startswith("fault:sleep="):
+        time.sleep(float(prompt.partition("=")[2]))
