@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 LIGHTNING_FILES = {
     1: "sdxl_lightning_1step_unet_x0.safetensors",
     2: "sdxl_lightning_2step_unet.safetensors",
@@ -145,9 +145,18 @@ def _tiny_autoencoder():
 
 
 def _controlnet(unet):
+    """A ControlNet shaped like `unet`. Its zero convolutions get random weights, as training would give
+    them: zeros would make the ControlNet invisible and `use_controlnet` untestable."""
+    import torch
     from diffusers import ControlNetModel
 
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                  controlnet.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.normal_(0, 0.3)
+    return controlnet
 
 
 def _build_sd15(folder: Path, controlnet_folder: Path, tokenizer_files: Path) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -93,7 +94,11 @@ def cast(module: torch.nn.Module, dtype: torch.dtype) -> Any:
 
 
 def _pixels(options: dict[str, Any], name: str) -> int:
-    value = options.get(name, 512)
+    """`width`/`height`: the option, else DREAMSTREAM_WIDTH/HEIGHT (for servers started without options), else 512."""
+    value = options.get(name)
+    if value is None:
+        raw = os.environ.get(f"DREAMSTREAM_{name.upper()}", "").strip()
+        value = int(raw) if raw.isdigit() else (raw or 512)
     if isinstance(value, bool) or not isinstance(value, int) or not 64 <= value <= 2048 or value % 8:
         raise ValueError(f"{name} must be a multiple of 8 between 64 and 2048, got {value!r}")
     return value

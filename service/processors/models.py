@@ -88,8 +88,7 @@ class ModelSource:
         return ModelUnavailableError(
             f"{self.option} {self.value!r} for the {self.processor} processor is unavailable: {why}. "
             f"Pass {self.option}=<local path or hub id> or set {self.env_var} to a local copy "
-            f"(e.g. one made with `huggingface-cli download {self.value if not self.looks_like_path else 'ID'}"
-            f" --local-dir DIR`)."
+            f"(e.g. one made with `hf download {self.value if not self.looks_like_path else 'ID'} --local-dir DIR`)."
         )
 
 
@@ -141,8 +140,16 @@ def _check_reachable(source: ModelSource) -> None:
     if not outcome:
         raise source.unavailable(f"the Hugging Face hub did not answer within {REACHABILITY_TIMEOUT_S:.0f} s")
     if outcome[0] is not None:
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
         exc = outcome[0]
-        raise source.unavailable(f"not in the local cache and the hub refused it ({type(exc).__name__}: {exc})")
+        if isinstance(exc, GatedRepoError):
+            why = "the hub says it is gated: accept its licence on huggingface.co and log in (`hf auth login`)"
+        elif isinstance(exc, RepositoryNotFoundError):
+            why = "the hub has no such repo (or it is private: log in with `hf auth login`)"
+        else:
+            why = f"it is not in the local cache and the hub is unreachable ({type(exc).__name__}: {exc})"
+        raise source.unavailable(why)
 
 
 _LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError)

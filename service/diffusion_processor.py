@@ -1,0 +1,122 @@
+"""The original Python API, kept working exactly (SPEC section 2), and kept thin.
+
+    p = get_diffusion_processor(processor_type="lightning", style_prompt="Van Gogh style painting")
+    out_b64 = await process_base64_frame(base64_frame=b64, processor=p, prompt="Monet-style watercolor")
+    out_jpeg = await apply_diffusion(img_data=jpeg_bytes, processor_type="lightning", prompt="...")
+
+Processors come from `service.processors`, bytes and base64 from `service.codec`; this module only
+adapts them to the old call shapes. The async functions run the model in a worker thread so an event
+loop keeps serving while a frame is styled, and take a per-processor lock because diffusers models
+are not thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+
+from service import codec
+from service.processors import IdentityProcessor, Processor, create_processor
+from service.processors.base import FrameRequest
+from service.processors.models import ModelUnavailableError
+
+__all__ = [
+    "ModelUnavailableError",
+    "apply_diffusion",
+    "clear_processor_cache",
+    "get_diffusion_processor",
+    "process_base64_frame",
+]
+
+_cache: dict[tuple, Processor] = {}
+_cache_lock = threading.Lock()
+_run_locks: weakref.WeakKeyDictionary[Processor, threading.Lock] = weakref.WeakKeyDictionary()
+
+
+def get_diffusion_processor(
+    processor_type: str = "standard",
+    use_controlnet: bool = True,
+    style_prompt: str = "Van Gogh style painting",
+    strength: float = 0.7,
+    num_steps: int | None = None,
+    **options: Any,
+) -> Processor:
+    """A new processor: `standard`, `lightning` or `filter`; `options` are the model options of SPEC 2."""
+    try:
+        return create_processor(processor_type, style_prompt=style_prompt, strength=strength,
+                                num_steps=num_steps, use_controlnet=use_controlnet, **options)
+    except TypeError as exc:  # the filter takes no model options: say which one, as a ValueError
+        raise ValueError(f"{processor_type} processor: {exc}") from exc
+
+
+async def process_base64_frame(base64_frame: str, processor: Processor, prompt: str | None = None) -> str:
+    """Bare base64 or a data URL in (JPEG/PNG/WebP), the same form out with a JPEG inside."""
+    try:
+        data, is_data_url = codec.split_base64(base64_frame)
+        image = codec.decode(data)
+    except codec.FrameError as exc:
+        raise codec.FrameError(exc.code, f"base64_frame: {exc.message}") from exc
+    jpeg = await _styled_jpeg(processor, processor.request(image, prompt))
+    return codec.jpeg_data_url(jpeg) if is_data_url else codec.jpeg_base64(jpeg)
+
+
+async def apply_diffusion(
+    img_data: bytes,
+    processor_type: str = "standard",
+    prompt: str | None = None,
+    use_controlnet: bool = True,
+    strength: float = 0.7,
+    num_steps: int | None = None,
+    **options: Any,
+) -> bytes:
+    """Encoded image in, JPEG bytes out. The processor is built once per (type, options) and reused.
+
+    Strength, steps, ControlNet and prompt are per call, so changing them never loads a second copy
+    of the models.
+    """
+    if not isinstance(img_data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"img_data must be the bytes of a JPEG, PNG or WebP image, got {type(img_data).__name__}")
+    try:
+        image = codec.decode(bytes(img_data))
+    except codec.FrameError as exc:
+        raise codec.FrameError(exc.code, f"img_data: {exc.message}") from exc
+    processor = await asyncio.to_thread(_cached_processor, processor_type, options)
+    steps = processor.default_steps if num_steps is None else num_steps
+    # The base constructor's argument checks (strength in (0, 1], steps a positive int), loading nothing.
+    IdentityProcessor(strength=strength, num_steps=steps)
+    processor.check_steps(steps)
+    request = FrameRequest(image, processor.style_prompt if prompt is None else prompt, float(strength), steps,
+                           processor.seed, bool(use_controlnet))
+    return await _styled_jpeg(processor, request)
+
+
+def clear_processor_cache() -> None:
+    """Forget the processors `apply_diffusion` built (frees their GPU memory once nothing else holds them)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _cached_processor(processor_type: str, options: dict[str, Any]) -> Processor:
+    # The env vars are part of the config: they choose the models as much as the options do.
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("DREAMSTREAM_")))
+    key = (processor_type, tuple(sorted((k, repr(v)) for k, v in options.items())), env)
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = get_diffusion_processor(processor_type, **options)
+        return _cache[key]
+
+
+async def _styled_jpeg(processor: Processor, request: FrameRequest) -> bytes:
+    with _cache_lock:
+        lock = _run_locks.setdefault(processor, threading.Lock())
+
+    def run() -> np.ndarray:
+        with lock:
+            return processor.process_batch([request])[0]
+
+    return codec.encode_jpeg(await asyncio.to_thread(run))
