@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from tests.helpers import require_or_skip
 
@@ -50,8 +49,9 @@ def launch_chromium() -> Iterator[object]:
             browser.close()
 
 
-@pytest.fixture(scope="session")
-def browser() -> Iterator[object]:
+def chromium_or_skip() -> Iterator[object]:
+    """For a test module's `browser` fixture: yields a Browser, or skips (fails under
+    DREAMSTREAM_REQUIRE_INTEGRATION=1) when Chromium or Playwright is missing."""
     why = chromium_missing()
     require_or_skip(why is None, why or "")
     with launch_chromium() as b:
@@ -75,12 +75,37 @@ def open_page(browser, url: str, viewport: dict[str, int] | None = None, errors:
 
 def wait_for_frames(page, selector: str = "#frame", at_least: int = 1, timeout_ms: int = 15_000) -> int:
     """Wait until the page has drawn `at_least` frames into the canvas (its data-frames counter)."""
-    page.wait_for_function(
-        "([sel, n]) => { const el = document.querySelector(sel); return el && Number(el.dataset.frames) >= n; }",
-        arg=[selector, at_least],
-        timeout=timeout_ms,
-    )
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            "([sel, n]) => { const el = document.querySelector(sel); return el && Number(el.dataset.frames) >= n; }",
+            arg=[selector, at_least],
+            timeout=timeout_ms,
+        )
+    except PlaywrightTimeout:
+        raise AssertionError(
+            f"{selector}: fewer than {at_least} frames drawn; page state: {page_state(page)}"
+        ) from None
     return frames_drawn(page, selector)
+
+
+def page_state(page) -> object:
+    """What the page's stream views know (sockets, stream state, frame counts), for failure messages."""
+    return page.evaluate(
+        """() => {
+        const ds = window.dreamstream || {};
+        const views = ds.views || {main: ds.view || ds.preview};
+        const out = {};
+        for (const [name, v] of Object.entries(views)) {
+          if (!v) continue;
+          const s = v.feed.socket;
+          out[name] = {link: s.link, lastClose: s.lastClose, reconnects: s.reconnects, state: v.state,
+                       received: v.feed.received, decoded: v.feed.decoded, drawn: v.frames, active: v.active};
+        }
+        return out;
+      }"""
+    )
 
 
 def frames_drawn(page, selector: str = "#frame") -> int:

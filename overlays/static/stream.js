@@ -78,7 +78,7 @@ export class ReconnectingSocket {
     this.ws = null;
     this.attempt = 0;
     this.reconnects = 0; // how many times a connection was re-established after being lost
-    this.everOpened = false;
+    this.everOpened = false; // a socket of ours has been open and heard from
     this.link = "idle"; // idle | connecting | open | retrying | stopped
     this.retryAt = 0;
     this.lastClose = null; // {code, reason}
@@ -151,10 +151,8 @@ export class ReconnectingSocket {
     ws.binaryType = this.binaryType;
     this.ws = ws;
     this._setLink("connecting");
+    let established = false;
     ws.onopen = () => {
-      if (this.everOpened) this.reconnects += 1;
-      this.everOpened = true;
-      this.attempt = 0;
       this._lastHeard = performance.now();
       this._watchdog = setInterval(() => this._checkAlive(), Math.min(this.pingMs, this.staleMs / 2));
       this._setLink("open");
@@ -162,6 +160,14 @@ export class ReconnectingSocket {
     };
     ws.onmessage = (event) => {
       this._lastHeard = performance.now();
+      if (!established) {
+        // The server speaks first on every healthy socket (status / ready). Only then does the backoff
+        // reset: a server that accepts and at once closes (a refused token) must not be hammered.
+        established = true;
+        if (this.everOpened) this.reconnects += 1;
+        this.everOpened = true;
+        this.attempt = 0;
+      }
       this.handlers.message?.(event);
     };
     ws.onerror = () => {}; // a close event always follows; it carries what we need

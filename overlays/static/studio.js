@@ -77,7 +77,6 @@ const dirty = new Set(); // controls changed since the server last told us its c
 const broadcaster = new ReconnectingSocket(
   () => socketUrl(`/ws/broadcaster/${encodeURIComponent(streamId())}`, { key: key() }),
   {
-    open: () => say("info", `connected: broadcasting stream "${streamId()}"`),
     message: (event) => onServerMessage(event.data),
     close: (event) => {
       lastStats = null;
@@ -108,12 +107,14 @@ function onServerMessage(data) {
   }
   switch (msg.type) {
     case "ready":
+      say("info", `connected: broadcasting stream "${msg.stream_id}"`);
       if (dirty.size) sendConfig();
       else adoptConfig(msg.config);
       break;
     case "config":
       dirty.clear();
       adoptConfig(msg.config);
+      say("info", `style: "${msg.config.prompt}", strength ${msg.config.strength}, ${msg.config.num_steps} steps, ${msg.config.processor_type}`);
       break;
     case "stats":
       lastStats = msg;
@@ -142,7 +143,7 @@ function renderLink(link) {
     stopped: "not broadcasting",
   }[link];
   setText(ui.link, text || link);
-  ui.link.dataset.state = link;
+  ui.link.dataset.state = link === "stopped" ? "idle" : link;
 }
 
 // ---- style controls -> `config` messages ------------------------------------------------------
