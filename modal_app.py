@@ -238,6 +238,9 @@ def portable(result: bytes | Exception) -> bytes | Exception:
     image=gpu_image,
     volumes={MODELS_DIR: models},
     env=GPU_ENV,
+    # the thread driving the GPU, JPEG decode/encode (~1.4 ms a 512 px frame) and torch.compile's workers
+    cpu=4.0,
+    memory=16 * 1024,  # weights pass through host memory on their way to the GPU
     min_containers=MIN_GPUS,
     max_containers=MAX_GPUS,
     scaledown_window=GPU_IDLE_S,
@@ -321,23 +324,29 @@ def gateway_app(
     return create_app(settings, backend=GpuPool(restyle_one, settings, warmup_timeout_s))
 
 
-# One container only (max_containers=1): a stream's broadcaster and its viewers must reach the same hub.
-# It holds GATEWAY_SOCKETS sockets and requests at once (asyncio, one event loop); to go past one
-# container, deploy this app once per shard of stream ids (DREAMSTREAM_MODAL_APP=dreamstream-b) and send
-# each stream to its shard's URL; docs/SCALING.md has the numbers. The GPU pool is shared by all shards.
+# One container only (max_containers=1): a stream's broadcaster and its viewers must reach the same hub,
+# which lives in that process's memory. It holds GATEWAY_SOCKETS sockets and requests at once (asyncio,
+# one event loop). Past one container, shard by stream id: deploy this file once per shard
+# (DREAMSTREAM_MODAL_APP=dreamstream-2 ...), give each stream its shard's URL, and point the shards at one
+# GPU pool with DREAMSTREAM_MODAL_GPU_APP=dreamstream so their frames batch together. docs/SCALING.md.
+SHARED_GPU_APP = os.environ.get("DREAMSTREAM_MODAL_GPU_APP", "")
+
+
 @app.function(
     image=web_image,
     secrets=[modal.Secret.from_name(SECRET_NAME)] if SECRET_NAME else [],
     env=CONTAINER_ENV,
-    cpu=2.0,
+    cpu=2.0,  # the app's event loop, and Modal's client loop that carries every socket message and GPU call
     memory=2048,
     max_containers=1,
     scaledown_window=5 * 60,
     timeout=SOCKET_LIFETIME_S,
+    startup_timeout=5 * 60,
 )
 @modal.concurrent(max_inputs=GATEWAY_SOCKETS)
 @modal.asgi_app()
 def web() -> FastAPI:
     """Studio at /, overlays at /overlay/{id}, sockets at /ws/...: `modal deploy` prints the URL."""
     logging.basicConfig(level=logging.INFO)
-    return gateway_app(Restyler().restyle.remote.aio)
+    pool = modal.Cls.from_name(SHARED_GPU_APP, "Restyler") if SHARED_GPU_APP else Restyler
+    return gateway_app(pool().restyle.remote.aio)

@@ -112,6 +112,7 @@ def test_gpu_class_settings():
     assert info.batching_info.wait_ms == modal_app.BATCH_WAIT_MS == 10
     assert info.volumes[modal_app.MODELS_DIR].name == "dreamstream-models"
     assert info.startup_timeout >= 10 * 60  # loading + torch.compile warm-up
+    assert info.cpu >= 2 and info.memory_mib >= 16 * 1024  # JPEG work and weights in host memory
     assert modal_app.GPU_ENV["HF_HUB_OFFLINE"] == "1"  # weights from the volume only
     assert autoscaler(modal_app.Restyler) == {
         "min_containers": 0, "max_containers": 8, "buffer_containers": None, "scaledown_window": 300,
@@ -125,8 +126,13 @@ def test_gateway_settings():
     assert info.timeout == 24 * 3600  # a socket lives as long as a Modal input may
     assert not info.gpus
     assert "modal.Secret.from_name('dreamstream-keys')" in info.secrets
+    assert info.startup_timeout <= 10 * 60  # a gateway that cannot start says so in minutes, not a day
     # one container: a stream's broadcaster and viewers always meet in the same hub
     assert autoscaler(modal_app.web)["max_containers"] == 1
+    # the endpoint's factory builds the server's own app, with the GPU pool as its backend
+    backend = modal_app.web.local().state.dreamstream.backend
+    assert isinstance(backend, modal_app.GpuPool)
+    assert (backend.processor, backend.device) == ("lightning", "modal:L4")  # auto = lightning on CUDA
 
 
 def test_images_pin_every_dependency_of_the_project():
