@@ -80,6 +80,9 @@ class ServerLink:
                     self._set_state("connected", f"connected to the server at {self.safe_url}", logging.INFO,
                                     "connected")
                     await self._session(ws)
+                self._closed(ws.close_code, ws.close_reason)  # the server closed cleanly
+            except LinkEnded:
+                raise
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if status in (401, 403):
@@ -87,7 +90,7 @@ class ServerLink:
                 self._set_state(f"http {status}", f"the server at {self.safe_url} answered HTTP {status}; "
                                 "retrying", logging.WARNING, f"HTTP {status}")
             except ConnectionClosed as exc:
-                self._closed(exc)
+                self._closed(exc.rcvd.code if exc.rcvd else None, exc.rcvd.reason if exc.rcvd else "")
             except (OSError, TimeoutError, InvalidHandshake) as exc:
                 reason = "connection refused" if isinstance(exc, ConnectionRefusedError) else (
                     f"{type(exc).__name__}: {exc}".rstrip(": "))
@@ -95,6 +98,10 @@ class ServerLink:
                                 "retrying", logging.WARNING, "waiting")
             except InvalidURI as exc:
                 raise LinkEnded(f"--server is not a WebSocket URL: {exc}", 2) from None
+            except Exception as exc:  # a bug or a surprise must not end a live stream: report it, reconnect
+                log.exception("unexpected error on the server link")
+                self._set_state(f"error {exc!r}", f"server link error ({exc!r}); reconnecting", logging.WARNING,
+                                "reconnecting")
             finally:
                 self.link_up.clear()
             await asyncio.sleep(backoff.next())
@@ -104,9 +111,7 @@ class ServerLink:
             f"the server refused the broadcaster socket {self.safe_url} ({how}): check --key "
             "(the stream key set with DREAMSTREAM_STREAM_KEYS / DREAMSTREAM_BROADCAST_KEY) and --stream", 2)
 
-    def _closed(self, exc: ConnectionClosed) -> None:
-        code = exc.rcvd.code if exc.rcvd is not None else None
-        reason = exc.rcvd.reason if exc.rcvd is not None else ""
+    def _closed(self, code: int | None, reason: str | None) -> None:
         if code == CLOSE_POLICY_VIOLATION:
             raise self._refused(f"close {code}{': ' + reason if reason else ''}") from None
         if code == CLOSE_REPLACED:
@@ -119,6 +124,7 @@ class ServerLink:
                         "reconnecting")
 
     async def _session(self, ws: ClientConnection) -> None:
+        """Send, receive and ping until the socket closes: returns on a clean close, raises otherwise."""
         self.mailbox.take()  # a capture made before this connection is stale by now
         self._pings.clear()
         self.link_up.set()
@@ -128,7 +134,6 @@ class ServerLink:
             for task in done:
                 task.result()  # re-raise ConnectionClosed and friends
             await ws.wait_closed()
-            raise ConnectionClosed(ws.close_rcvd, ws.close_sent)  # the server closed cleanly
         finally:
             self.link_up.clear()
             self.stats.on_server_stats({})  # the last numbers are from a session that is gone

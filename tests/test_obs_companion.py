@@ -209,6 +209,18 @@ def test_refused_stream_key_is_a_clear_error(tmp_path, obs, server):
     assert "wrong-key-123" not in out
 
 
+@pytest.mark.integration
+def test_a_second_broadcaster_takes_over_and_the_first_stops(tmp_path, obs, server):
+    args = obs_args(obs, "--source", "Cam", "--stream", "obs-dup", "--server", server.ws, "--key", BROADCAST_KEY)
+    with companion(tmp_path, args, name="first") as first:
+        first.wait_for("server ready for stream 'obs-dup'")
+        with companion(tmp_path, args, name="second") as second:
+            second.wait_for("server ready for stream 'obs-dup'")
+            assert first.wait_exit(10) == 3
+            assert second.proc.poll() is None, "the newer one keeps streaming"
+    assert "another broadcaster took over this stream" in first.output()
+
+
 def test_bad_stream_id_is_refused_before_connecting(tmp_path):
     code, out, _ = run_to_exit(tmp_path, ["--source", "Cam", "--stream", "no spaces please"])
     assert code == 2 and "not a valid stream id" in out
