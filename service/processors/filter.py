@@ -64,8 +64,9 @@ def cartoon(rgb: np.ndarray, passes: int) -> np.ndarray:
     small = _half(rgb)
     for _ in range(passes):
         small = cv2.bilateralFilter(small, 9, 60, 9)
-    levels = 6
-    quant = (small // (256 // levels)) * (256 // levels) + (128 // levels)
+    levels, step = 6, 256 // 6
+    # clamp the band index: 255 // 42 is 6, one past the top band, and 6 * 42 + 21 wraps around in uint8
+    quant = np.minimum(small // step, levels - 1) * step + step // 2
     lines = _edges(cv2.cvtColor(_half(rgb), cv2.COLOR_RGB2GRAY))
     toon = (quant.astype(np.float32) * lines[..., None]).astype(np.uint8)
     return _full(toon, rgb)
