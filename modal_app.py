@@ -141,24 +141,39 @@ gpu_image = _with_project(base_image.apt_install("libgl1", "libglib2.0-0").uv_pi
 # CPU container, by `modal run modal_app.py::download_models`; GPU containers mount it and load from it.
 models = modal.Volume.from_name("dreamstream-models", create_if_missing=True)
 
-# What to fetch per model option: a diffusers pipeline needs its sub-folders' configs and weights (not
-# the repo's single-file checkpoints at the top level); Lightning only its UNet files; the rest all of
-# their (small) repos' safetensors and configs. Both fp32 and fp16 files come along, whichever is loaded.
-WEIGHTS = ["*.json", "*.txt", "*.safetensors"]
-DOWNLOAD_PATTERNS: dict[str, list[str]] = {
-    "base_model": ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"],
-    "lightning_unet": ["sdxl_lightning_*step_unet*.safetensors"],
+# What to fetch of each model: the configs and tokenizers of every part, and the weights of only the
+# parts the processors load (standard: SD 1.5's text encoder, UNet and VAE; lightning: SDXL's two text
+# encoders and VAE, as its UNet comes from the Lightning files). Default-precision safetensors only: the
+# processors load no fp16 variant, nor the repos' single-file checkpoints, .bin or ONNX copies. That
+# skips ~25 GB of the two base repos; a test loads both processors from exactly these files.
+BASE_MODEL_WEIGHTS = {
+    "standard": ("text_encoder", "unet", "vae"),
+    "lightning": ("text_encoder", "text_encoder_2", "vae"),
 }
-NOT_WEIGHTS_WE_LOAD = ["*.onnx*", "*openvino*", "*.msgpack", "*.h5", "*.ckpt", "*.bin", "*.pb", "*.tflite"]
+SKIP_FILES = ["*.fp16.*", "*non_ema*", "*.bin", "*.ckpt", "*.onnx*", "*openvino*", "*.msgpack", "*.h5"]
+
+
+def download_patterns(processor: str, option: str, repo: str) -> list[str]:
+    """The files of `repo` that `processor` loads as its `option`, as snapshot_download allow_patterns."""
+    from service.processors.depth import MIDAS_FILE
+    from service.processors.lightning import CHECKPOINTS
+
+    if option == "base_model":
+        weights = [f"{part}/*.safetensors" for part in BASE_MODEL_WEIGHTS[processor]]
+        return ["model_index.json", "*/*.json", "*/*.txt", *weights]
+    if option == "lightning_unet":
+        return sorted(CHECKPOINTS.values())
+    if option == "depth_model" and any(word in repo.lower() for word in ("annotators", "midas")):
+        return [MIDAS_FILE]  # controlnet-aux's MiDaS: one checkpoint of a large repo
+    return ["*.json", "*.txt", "*.safetensors"]
 
 
 def download_plan(processors: list[str]) -> list[tuple[str, str, list[str]]]:
-    """(label, hub id, file patterns) per model the processors load, deduplicated.
+    """(label, hub id, file patterns) per model the processors load, each repo once.
 
     The ids are the processors' own defaults (service.processors.models.DEFAULTS) unless a DREAMSTREAM_*
     model variable says otherwise, so what is downloaded is what the GPU containers will ask for.
     """
-    from service.processors.depth import MIDAS_FILE
     from service.processors.models import DEFAULTS, model_source
 
     plan: dict[str, tuple[str, list[str]]] = {}
@@ -170,13 +185,10 @@ def download_plan(processors: list[str]) -> list[tuple[str, str, list[str]]]:
             source = model_source(processor, option) or model_source(processor, option, True)
             if source is None or source.looks_like_path:
                 continue  # a local path inside the image: nothing to download
-            patterns = DOWNLOAD_PATTERNS.get(option, WEIGHTS)
-            if "annotators" in source.value.lower():
-                patterns = [MIDAS_FILE]  # controlnet-aux's MiDaS: one checkpoint of a large repo
             label, known = plan.get(source.value, ("", []))
             plan[source.value] = (
                 f"{label}, {processor} {option}" if label else f"{processor} {option}",
-                sorted({*known, *patterns}),
+                sorted({*known, *download_patterns(processor, option, source.value)}),
             )
     return [(label, repo, patterns) for repo, (label, patterns) in plan.items()]
 
@@ -194,7 +206,7 @@ def download_models(processors: str = "lightning,standard") -> None:
     started = time.monotonic()
     for n, (label, repo, patterns) in enumerate(plan, 1):
         print(f"[{n}/{len(plan)}] {repo} ({label})", flush=True)
-        path = Path(snapshot_download(repo, allow_patterns=patterns, ignore_patterns=NOT_WEIGHTS_WE_LOAD))
+        path = Path(snapshot_download(repo, allow_patterns=patterns, ignore_patterns=SKIP_FILES))
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         print(f"      {size / 1e9:.2f} GB in {path}", flush=True)
         if not modal.is_local():

@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,8 +38,12 @@ from service.config import Settings, StreamConfig
 from service.engine import FrameJob
 from tests.helpers import ROOT, free_port, gradient_jpeg, mean_rgb, solid_jpeg
 
+pytest_plugins = ["tests.fixtures_diffusion"]  # tiny_models, tiny_env
 # `.local()` says the volume is not mounted here; the tests know
-pytestmark = pytest.mark.filterwarnings("ignore:.*executing locally:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*executing locally:UserWarning"),
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # diffusers + numpy 2
+]
 
 OFFLINE_ENV = {
     **{k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "DREAMSTREAM_"))},
@@ -153,8 +159,10 @@ def test_download_plan_follows_the_processors_defaults(monkeypatch):
         monkeypatch.delenv(key)
     plan = {repo: (label, patterns) for label, repo, patterns in modal_app.download_plan(["lightning", "standard"])}
     assert set(plan) == {repo for options in DEFAULTS.values() for repo in options.values()}
-    assert "sdxl_lightning_*step_unet*.safetensors" in plan["ByteDance/SDXL-Lightning"][1]
-    assert "*/*.safetensors" in plan["stabilityai/stable-diffusion-xl-base-1.0"][1]
+    assert "sdxl_lightning_4step_unet.safetensors" in plan["ByteDance/SDXL-Lightning"][1]
+    sdxl = plan["stabilityai/stable-diffusion-xl-base-1.0"][1]
+    assert "text_encoder_2/*.safetensors" in sdxl and "unet/*.safetensors" not in sdxl  # Lightning brings its UNet
+    assert "unet/*.safetensors" in plan["stable-diffusion-v1-5/stable-diffusion-v1-5"][1]
     assert "lightning depth_model" in plan[DEFAULTS["lightning"]["depth_model"]][0]  # shared, fetched once
 
     # a model variable set at deploy time changes what is fetched; a local path is not fetched
@@ -184,6 +192,50 @@ def test_download_models_runs_locally_with_progress(monkeypatch, tmp_path, capsy
     out = capsys.readouterr().out
     assert fetched and f"[1/{len(fetched)}]" in out and f"[{len(fetched)}/{len(fetched)}]" in out
     assert "ByteDance/SDXL-Lightning" in fetched and "done in" in out
+
+
+def downloaded_copy(src: Path, dst: Path, patterns: list[str]) -> Path:
+    """What snapshot_download would keep of `src` (hub's own pattern matching), copied to `dst`."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = [f.relative_to(src).as_posix() for f in src.rglob("*") if f.is_file()]
+    for rel in filter_repo_objects(files, allow_patterns=patterns, ignore_patterns=modal_app.SKIP_FILES):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, dst / rel)
+    return dst
+
+
+def test_gpu_class_runs_both_diffusion_processors_from_the_downloaded_files(
+    tiny_env, tiny_models, tmp_path, monkeypatch
+):
+    """The tiny models, cut down to what download_models fetches, load and restyle a mixed batch."""
+    parts = {
+        ("standard", "base_model"): "sd15", ("standard", "controlnet_model"): "sd15_controlnet",
+        ("lightning", "base_model"): "sdxl", ("lightning", "controlnet_model"): "sdxl_controlnet",
+        ("lightning", "lightning_unet"): "lightning", ("lightning", "depth_model"): "depth",
+    }
+    from service.processors.models import env_var
+
+    for (processor, option), key in parts.items():
+        patterns = modal_app.download_patterns(processor, option, key)
+        copy = downloaded_copy(tiny_models[key], tmp_path / processor / key, patterns)
+        monkeypatch.setenv(env_var(processor, option), str(copy))
+    assert not (tmp_path / "lightning" / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    monkeypatch.setenv("DREAMSTREAM_PROCESSOR", "lightning")
+    monkeypatch.setenv("DREAMSTREAM_WIDTH", "64")
+    monkeypatch.setenv("DREAMSTREAM_HEIGHT", "64")
+
+    frame = gradient_jpeg((96, 72))
+    jobs = [
+        FrameJob("a", frame, StreamConfig(prompt="a watercolor", processor_type="lightning", num_steps=2, seed=1)),
+        FrameJob("b", frame, StreamConfig(prompt="neon city", processor_type="lightning", num_steps=2, seed=2)),
+        FrameJob("c", frame, StreamConfig(prompt="oil", processor_type="standard", num_steps=4, strength=0.5)),
+    ]
+    restyler = modal_app.Restyler()
+    a, b, c = restyler.restyle.local(jobs)  # one Engine.run: two lightning frames in one batch, one standard
+    assert all(isinstance(x, bytes) and x[:2] == b"\xff\xd8" for x in (a, b, c)), (a, b, c)
+    assert a != b  # each frame kept its own prompt and seed
+    assert set(restyler.engine.processors) == {"lightning", "standard"}
 
 
 # ---- what crosses between gateway and GPUs ---------------------------------------------------
