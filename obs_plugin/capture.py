@@ -156,8 +156,7 @@ class Capturer(threading.Thread):
         """Resolve the source and run the one-time checks. False: not ready yet, retry later."""
         opts = self.options
         if self._source is None:  # first connection: a bad --source is a typo, say so and stop
-            self._source = resolve_source(conn, opts.source)
-            name, is_scene = self._source
+            name, is_scene = resolve_source(conn, opts.source)
             if opts.source is None:
                 log.info("capturing %r, the current program scene (pass --source to choose another)", name)
             if opts.overlay_url is not None:
@@ -165,6 +164,7 @@ class Capturer(threading.Thread):
             check_no_feedback(conn, name, is_scene)
             log.info("capturing %s %r at %g fps, %d px wide", "scene" if is_scene else "input", name, opts.fps,
                      opts.width)
+            self._source = (name, is_scene)  # only now: a connection lost before this point starts over
             self.on_ready()
             return True
         name, _ = self._source

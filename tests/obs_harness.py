@@ -155,8 +155,16 @@ class Obs:
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the group we started, nothing else
-            self.proc.wait()
+            pass
+        # xvfb-run ends Xvfb with SIGTERM, which Xvfb now and then misses (seen here: an orphan Xvfb
+        # left asleep); so end whatever is left of the process group we started, and nothing else
+        for sig, grace in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 0.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(grace)
+        self.proc.wait()
         self.proc = None
         if self._log:
             self._log.close()
