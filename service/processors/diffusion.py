@@ -133,7 +133,8 @@ class DiffusionProcessor(Processor):
             name: model_source(self.name, name, options.get(name))
             for name in self.model_options
         }
-        self.device, self.dtype, why = resolve_device_dtype(options.get("device"), options.get("dtype"))
+        device, self.dtype, why = resolve_device_dtype(options.get("device"), options.get("dtype"))
+        self.device = str(device)  # a plain string, as Processor promises (the server serialises it)
         log.info("%s processor: %s/%s (%s), %dx%d, %d steps x strength %.2f, controlnet %s", self.name,
                  self.device, str(self.dtype).removeprefix("torch."), why, self.width, self.height,
                  self.num_steps, self.strength, "on" if self.use_controlnet else "off")
