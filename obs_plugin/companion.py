@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from obs_plugin.capture import CaptureOptions, Capturer, Mailbox
@@ -114,11 +115,14 @@ async def _run(options: CaptureOptions, url: str, safe_url: str) -> int:
     mailbox.bind(loop)
     link_up = threading.Event()
     obs_ready = asyncio.Event()
-    capturer = Capturer(
-        options, mailbox, stats, link_up,
-        on_ready=lambda: loop.call_soon_threadsafe(obs_ready.set),
-        on_exit=lambda: loop.call_soon_threadsafe(stop.set),
-    )
+    def from_thread(event: asyncio.Event) -> Callable[[], None]:
+        def fire() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed: we are past shutdown
+                loop.call_soon_threadsafe(event.set)
+
+        return fire
+
+    capturer = Capturer(options, mailbox, stats, link_up, on_ready=from_thread(obs_ready), on_exit=from_thread(stop))
     link = ServerLink(url, safe_url, mailbox, stats, link_up)
     if options.overlay_url:
         log.info("overlay URL for an OBS Browser Source: %s", redact(options.overlay_url))
