@@ -274,6 +274,9 @@ class Restyler:
             self.engine.processor(processor)
         except Exception as exc:  # frames will carry the message; the container stays up to say it
             log.error("%s; is the volume filled? `modal run modal_app.py::download_models`", exc)
+            return
+        if not modal.is_local():
+            models.commit()  # the compile caches warm-up wrote: the next container starts faster
 
     @modal.batched(max_batch_size=GPU_BATCH, wait_ms=BATCH_WAIT_MS)
     def restyle(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
