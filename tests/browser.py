@@ -37,12 +37,13 @@ def chromium_missing() -> str | None:
 
 
 @contextlib.contextmanager
-def launch_chromium() -> Iterator[object]:
+def launch_chromium(extra_args: list[str] | None = None) -> Iterator[object]:
     """A headless Chromium Browser (playwright.sync_api.Browser)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        args = [*CHROMIUM_ARGS, *(extra_args or [])]
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
         try:
             yield browser
         finally:

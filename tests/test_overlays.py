@@ -59,7 +59,7 @@ def show_colour(
         time.sleep(0.2)
 
 
-def test_contain_pillarboxes_a_square_frame_on_a_transparent_page(server, browser):
+def test_contain_pillarboxes_a_square_frame_on_a_transparent_page(browser, server):
     errors: list[str] = []
     with (
         FramePusher(server.ws, "contain", solid_jpeg(RED, (512, 512))),
@@ -79,7 +79,7 @@ def test_contain_pillarboxes_a_square_frame_on_a_transparent_page(server, browse
 
 
 @pytest.mark.parametrize("fit", ["cover", "fill"])
-def test_cover_and_fill_fill_the_whole_source(server, browser, fit):
+def test_cover_and_fill_fill_the_whole_source(browser, server, fit):
     with (
         FramePusher(server.ws, f"fill-{fit}", solid_jpeg(BLUE, (512, 512))),
         open_page(browser, f"{server.http}/overlay/fill-{fit}?fit={fit}") as page,
@@ -92,7 +92,7 @@ def test_cover_and_fill_fill_the_whole_source(server, browser, fit):
             assert near(img[y, x], BLUE), (x, y, img[y, x])
 
 
-def test_nothing_shows_until_live_and_a_restarted_stream_comes_back_without_reload(server, browser):
+def test_nothing_shows_until_live_and_a_restarted_stream_comes_back_without_reload(browser, server):
     with open_page(browser, f"{server.http}/overlay/comeback?fade=200") as page:
         page.wait_for_function("() => document.querySelector('#frame').dataset.state === 'waiting'")
         assert np.all(screenshot_rgba(page)[:, :, 3] == 0), "waiting: the page must be fully transparent"
@@ -112,7 +112,7 @@ def test_nothing_shows_until_live_and_a_restarted_stream_comes_back_without_relo
             assert near(show_colour(page, BLUE)[540, 960], BLUE)
 
 
-def test_debug_hud_shows_state_fps_and_latency(server, browser):
+def test_debug_hud_shows_state_fps_and_latency(browser, server):
     with (
         FramePusher(server.ws, "hud", solid_jpeg(RED, (320, 240)), fps=20),
         open_page(browser, f"{server.http}/overlay/hud?debug=1&fit=contain") as page,
@@ -146,7 +146,7 @@ def test_page_reconnects_after_a_server_restart(tmp_path, browser):
         assert page.text_content("[data-hud=state]") == "live"
 
 
-def test_obs_inactive_source_pauses_drawing(server, browser):
+def test_obs_inactive_source_pauses_drawing(browser, server):
     with (
         FramePusher(server.ws, "obs", solid_jpeg(RED, (256, 256)), fps=20),
         open_page(browser, f"{server.http}/overlay/obs") as page,
@@ -162,7 +162,7 @@ def test_obs_inactive_source_pauses_drawing(server, browser):
         wait_for_frames(page, at_least=paused_at + 3)
 
 
-def test_compare_shows_original_and_styled_side_by_side(server, browser):
+def test_compare_shows_original_and_styled_side_by_side(browser, server):
     with (
         FramePusher(server.ws, "cmp", solid_jpeg(RED, (512, 512))),
         open_page(browser, f"{server.http}/overlay/cmp/compare") as page,
@@ -180,7 +180,7 @@ def test_compare_shows_original_and_styled_side_by_side(server, browser):
         assert near(img[y, x], RED), (x, y, img[y, x])
 
 
-def test_viewer_page_shows_the_stream_and_its_state(server, browser):
+def test_viewer_page_shows_the_stream_and_its_state(browser, server):
     with open_page(browser, f"{server.http}/view/watch") as page:
         page.wait_for_function("() => document.querySelector('#state').textContent === 'waiting'")
         assert page.locator("#waiting").is_visible()

@@ -70,7 +70,7 @@ def messages(page) -> str:
     return page.inner_text("#messages")
 
 
-def test_autostart_broadcasts_the_fake_camera_and_the_preview_shows_styled_frames(server, browser):
+def test_autostart_broadcasts_the_fake_camera_and_the_preview_shows_styled_frames(browser, server):
     viewer = ViewerThread(f"{server.ws}/ws/viewer/cam1?format=binary")
     viewer.start()
     errors: list[str] = []
@@ -99,7 +99,7 @@ def test_autostart_broadcasts_the_fake_camera_and_the_preview_shows_styled_frame
     assert not errors, errors
 
 
-def test_style_controls_change_the_stream_config_live(server, browser):
+def test_style_controls_change_the_stream_config_live(browser, server):
     with open_page(browser, f"{server.http}/?stream=cam2&autostart=1", STUDIO_VIEWPORT) as page:
         wait_for_frames(page, "#preview", at_least=3, timeout_ms=20_000)
         page.fill("#prompt", "pencil sketch")
@@ -120,7 +120,7 @@ def test_style_controls_change_the_stream_config_live(server, browser):
         assert page.input_value("#steps") == "1"
 
 
-def test_studio_shows_the_processor_the_reason_and_the_links(server, browser):
+def test_studio_shows_the_processor_the_reason_and_the_links(browser, server):
     with open_page(browser, f"{server.http}/?stream=links", STUDIO_VIEWPORT) as page:
         info = page.inner_text("#processor-info")
         assert "filter" in info and "cpu" in info

@@ -262,9 +262,9 @@ function mediaError(err, what) {
       return `${what} permission was refused; allow it in the browser's address bar and press the button again`;
     case "NotFoundError":
     case "OverconstrainedError":
-      return `no ${what} found; plug one in, pick another in the list, or use Screen`;
+      return `no ${what} found; plug one in, pick another in the list, or use Share screen`;
     case "NotReadableError":
-      return `the ${what} is busy in another program (close it there, or use Screen)`;
+      return `the ${what} is busy in another program (close it there, or use Share screen)`;
     default:
       return `${what} failed: ${err && err.message ? err.message : err}`;
   }
@@ -418,7 +418,7 @@ for (const button of document.querySelectorAll("[data-copy]")) {
 const stat = (name) => document.querySelector(`[data-stat="${name}"]`);
 const PREVIEW_TEXT = {
   connecting: "connecting to the server…",
-  waiting: "waiting for frames: press Camera or Screen",
+  waiting: "waiting for frames: press Start camera or Share screen",
   offline: "not broadcasting",
   live: "",
 };
