@@ -61,7 +61,7 @@ GPU_BATCH = _env_int("DREAMSTREAM_MODAL_GPU_BATCH", 8)  # frames per Engine.run:
 # The gateway fans a round of frames out at once, so they reach a container within a few ms of each
 # other; 10 ms is enough to regroup them and costs every frame at most a third of a 30 fps frame time.
 BATCH_WAIT_MS = _env_int("DREAMSTREAM_MODAL_BATCH_WAIT_MS", 10)
-MIN_GPUS = _env_int("DREAMSTREAM_MODAL_MIN_GPUS", 0)  # 1 = no cold start for the first stream, ~$19/day on L4
+MIN_GPUS = _env_int("DREAMSTREAM_MODAL_MIN_GPUS", 0)  # 1 = no cold start for the first stream: $27/day on L4
 MAX_GPUS = _env_int("DREAMSTREAM_MODAL_MAX_GPUS", 8)  # the bill's ceiling
 GPU_IDLE_S = _env_int("DREAMSTREAM_MODAL_GPU_IDLE_S", 300)  # outlives a scene switch, not a lunch break
 GPU_STARTUP_S = 20 * 60  # image pull + weights from the volume + torch.compile warm-up
