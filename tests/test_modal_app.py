@@ -52,9 +52,9 @@ OFFLINE_ENV = {
 }
 
 
-def import_in_subprocess(code: str, env: dict[str, str] | None = None) -> dict:
+def import_in_subprocess(code: str, env: dict[str, str] | None = None, prelude: str = "") -> dict:
     """Import modal_app in a fresh interpreter (deploy-time env vars are read at import) and return `code`'s JSON."""
-    script = f"import json, modal_app\nprint(json.dumps({code}))"
+    script = f"{prelude}\nimport json, modal_app\nprint(json.dumps({code}))"
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, env={**OFFLINE_ENV, **(env or {})},
         capture_output=True, text=True, timeout=120,
@@ -82,6 +82,20 @@ def test_import_needs_no_token_and_no_network():
         "{'app': modal_app.app.name, 'gpu': modal_app.GPU, 'cls': type(modal_app.Restyler).__name__}"
     )
     assert found == {"app": "dreamstream", "gpu": ["L4"], "cls": "Cls"}
+
+
+def test_gateway_image_needs_no_diffusion_stack():
+    """The gateway's image has no torch: importing this file and building the app must not need it."""
+    block = (
+        "import sys\n"
+        "class NoDiffusion:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'torchvision', 'diffusers', 'transformers', 'controlnet_aux'):\n"
+        "            raise ImportError(name + ' is not in the gateway image')\n"
+        "sys.meta_path.insert(0, NoDiffusion())"
+    )
+    found = import_in_subprocess("type(modal_app.web.local().state.dreamstream.backend).__name__", prelude=block)
+    assert found == "GpuPool"
 
 
 def test_gpu_type_and_pool_size_are_chosen_at_deploy_time():
