@@ -41,7 +41,12 @@ ROOT = Path(__file__).resolve().parent
 
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else default
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
 
 
 # ## Deploy-time knobs
@@ -51,9 +56,9 @@ def _env_int(name: str, default: int) -> int:
 # way the local server is. The secrets are the exception: they come from a modal.Secret, never from here.
 #
 # GPU: an L4 by default. It is Modal's cheapest 24 GB GPU, and PERF.md measures both processors together
-# under 20 GB, so one L4 holds the lightning and the standard pipeline at once. Its dense fp16 rate
-# (~121 TFLOP/s) matches an A10G's at ~70% of the price, so it costs least per restyled frame; what it
-# lacks is headroom for one fast stream (SDXL-Lightning 4 steps + ControlNet stays under 25 fps on it).
+# under 20 GB, so one L4 holds the lightning and the standard pipeline at once. Its rated dense fp16
+# rate (~121 TFLOP/s) matches an A10G's at ~70% of the price: the cheapest frames of the 24 GB tier. What
+# it lacks is headroom for one fast stream (SDXL-Lightning 4 steps + ControlNet stays under 25 fps on it).
 # For that, deploy with DREAMSTREAM_MODAL_GPU=H100 (or L40S); a comma list ("L40S,A100") gives fallbacks.
 GPU = [g.strip() for g in os.environ.get("DREAMSTREAM_MODAL_GPU", "L4").split(",") if g.strip()]
 GPU_LABEL = "/".join(GPU)
@@ -184,7 +189,7 @@ def download_plan(processors: list[str]) -> list[tuple[str, str, list[str]]]:
             # the tiny VAE is off unless asked for, but it is a few MB: fetch it so it can be turned on
             source = model_source(processor, option) or model_source(processor, option, True)
             if source is None or source.looks_like_path:
-                continue  # a local path inside the image: nothing to download
+                continue  # a path in the container (e.g. a folder on the volume): not ours to fetch
             label, known = plan.get(source.value, ("", []))
             plan[source.value] = (
                 f"{label}, {processor} {option}" if label else f"{processor} {option}",
@@ -246,7 +251,7 @@ def portable(result: bytes | Exception) -> bytes | Exception:
 
 
 @app.cls(
-    gpu=GPU,
+    gpu=GPU[0] if len(GPU) == 1 else GPU,
     image=gpu_image,
     volumes={MODELS_DIR: models},
     env=GPU_ENV,
