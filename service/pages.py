@@ -10,6 +10,7 @@ visible at once, where a silent fallback would hide the typo.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,43 +140,34 @@ def register_pages(app: FastAPI, ds: DreamStream) -> None:
         client = {"page": "studio", "stream_id": stream, "autostart": autostart, "notice": notice, **_server_info(ds)}
         return render(request, "studio.html", client)
 
-    @app.get("/view/{stream_id}", response_class=HTMLResponse)
-    async def viewer(request: Request, stream_id: str) -> HTMLResponse:
-        try:
-            client = {
-                "page": "viewer",
-                "stream_id": _stream_id(stream_id),
-                "fit": _fit(request, "contain"),
-                "token": _token(request),
-            }
-        except BadQuery as exc:
-            return refuse(request, exc)
-        return render(request, "viewer.html", client)
+    def stream_page(template: str, options: Callable[[Request], dict[str, Any]]) -> Callable[..., Any]:
+        """A page about one stream: its id from the path, its options from `options(request)`."""
 
-    @app.get("/overlay/{stream_id}", response_class=HTMLResponse)
-    async def overlay(request: Request, stream_id: str) -> HTMLResponse:
-        try:
-            client = {
-                "page": "overlay",
-                "stream_id": _stream_id(stream_id),
-                "fit": _fit(request, "cover"),
-                "fade_ms": _fade_ms(request),
-                "debug": _flag(request, "debug"),
-                "token": _token(request),
-            }
-        except BadQuery as exc:
-            return refuse(request, exc)
-        return render(request, "overlay.html", client)
+        async def page(request: Request, stream_id: str) -> HTMLResponse:
+            try:
+                client = {"page": template.removesuffix(".html"), "stream_id": _stream_id(stream_id)}
+                client.update(options(request))
+            except BadQuery as exc:
+                return refuse(request, exc)
+            return render(request, template, client)
 
-    @app.get("/overlay/{stream_id}/compare", response_class=HTMLResponse)
-    async def compare(request: Request, stream_id: str) -> HTMLResponse:
-        try:
-            client = {
-                "page": "compare",
-                "stream_id": _stream_id(stream_id),
-                "debug": _flag(request, "debug"),
-                "token": _token(request),
-            }
-        except BadQuery as exc:
-            return refuse(request, exc)
-        return render(request, "compare.html", client)
+        return page
+
+    def viewer_options(request: Request) -> dict[str, Any]:
+        return {"fit": _fit(request, "contain"), "token": _token(request)}
+
+    def overlay_options(request: Request) -> dict[str, Any]:
+        return {
+            "fit": _fit(request, "cover"),
+            "fade_ms": _fade_ms(request),
+            "debug": _flag(request, "debug"),
+            "token": _token(request),
+        }
+
+    def compare_options(request: Request) -> dict[str, Any]:
+        return {"debug": _flag(request, "debug"), "token": _token(request)}
+
+    html = {"response_class": HTMLResponse}
+    app.get("/view/{stream_id}", **html)(stream_page("viewer.html", viewer_options))
+    app.get("/overlay/{stream_id}", **html)(stream_page("overlay.html", overlay_options))
+    app.get("/overlay/{stream_id}/compare", **html)(stream_page("compare.html", compare_options))

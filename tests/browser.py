@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.helpers import require_or_skip
 
@@ -50,9 +51,15 @@ def launch_chromium(extra_args: list[str] | None = None) -> Iterator[object]:
             browser.close()
 
 
-def chromium_or_skip() -> Iterator[object]:
-    """For a test module's `browser` fixture: yields a Browser, or skips (fails under
-    DREAMSTREAM_REQUIRE_INTEGRATION=1) when Chromium or Playwright is missing."""
+@pytest.fixture(scope="module", name="browser")
+def browser_fixture() -> Iterator[object]:
+    """The `browser` fixture (import `browser_fixture` to use it): one Chromium per test module.
+
+    Per module, not per session: a fixture imported into two modules is two fixtures, and two
+    Playwright sessions cannot run at once in one thread.
+
+    Skips, or fails under DREAMSTREAM_REQUIRE_INTEGRATION=1, when Chromium or Playwright is missing.
+    """
     why = chromium_missing()
     require_or_skip(why is None, why or "")
     with launch_chromium() as b:

@@ -16,7 +16,7 @@ import pytest
 
 from tests.browser import (
     FramePusher,
-    chromium_or_skip,
+    browser_fixture,  # noqa: F401  (the `browser` fixture)
     frames_drawn,
     open_page,
     screenshot_rgba,
@@ -30,11 +30,6 @@ RED = (220, 40, 40)
 BLUE = (30, 60, 210)
 TOLERANCE = 14  # JPEG moves a flat colour by a few levels
 HOSTILE = "</script><script>window.pwned=1</script>"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    yield from chromium_or_skip()
 
 
 @pytest.fixture(scope="module")

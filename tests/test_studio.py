@@ -16,17 +16,17 @@ import pytest
 import simplejpeg
 from websockets.sync.client import connect
 
-from tests.browser import chromium_or_skip, open_page, screenshot_rgba, wait_for_frames
+from tests.browser import (
+    browser_fixture,  # noqa: F401  (the `browser` fixture)
+    open_page,
+    screenshot_rgba,
+    wait_for_frames,
+)
 from tests.helpers import running_server
 
 pytestmark = pytest.mark.integration
 
 STUDIO_VIEWPORT = {"width": 1400, "height": 1000}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    yield from chromium_or_skip()
 
 
 @pytest.fixture(scope="module")

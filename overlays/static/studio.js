@@ -1,23 +1,15 @@
-// The studio: camera or screen -> canvas -> JPEG -> /ws/broadcaster/{id}, live style controls sent as
-// `config` messages, and the styled result from /ws/viewer/{id} in the preview.
+// The studio: camera or screen (capture.js) -> /ws/broadcaster/{id}, live style controls sent as
+// `config` messages, and the styled result from /ws/viewer/{id} in the preview (stream.js).
 //
 // A frame is captured only when the previous one has left the socket (bufferedAmount == 0), so on a
 // slow uplink frames are held back at the source instead of piling up in the browser.
-import {
-  LiveView,
-  RateMeter,
-  ReconnectingSocket,
-  fmt,
-  pageConfig,
-  pageUrl,
-  setText,
-  socketUrl,
-} from "./stream.js";
+import { Capture, listCameras } from "./capture.js";
+import { ReconnectingSocket, pageUrl, socketUrl } from "./socket.js";
+import { LiveView, fmt, pageConfig, setText } from "./stream.js";
 
 const cfg = pageConfig();
 const $ = (id) => document.getElementById(id);
 const STREAM_ID = /^[A-Za-z0-9_-]{1,64}$/;
-const JPEG_QUALITY = 0.85;
 
 const ui = {
   streamId: $("stream-id"),
@@ -64,10 +56,6 @@ const preview = new LiveView($("preview"), { streamId: streamId(), token: token(
 
 // ---- the broadcaster socket --------------------------------------------------------------------
 
-let media = null; // the MediaStream being sent
-let mediaKind = "";
-let capturing = false;
-let held = 0; // ticks skipped because the socket was still busy with the previous frame
 let lastStats = null;
 let rttMs = null;
 let pingSentAt = 0;
@@ -89,8 +77,8 @@ const broadcaster = new ReconnectingSocket(
         stopCapture(`the server refused this broadcaster: ${event.reason}.${hint}`, "error");
         return false;
       }
-      if (capturing) say("warn", `connection lost (code ${event.code}); reconnecting…`);
-      return capturing;
+      if (capture.active) say("warn", `connection lost (code ${event.code}); reconnecting…`);
+      return capture.active;
     },
     state: (link) => renderLink(link),
   },
@@ -214,140 +202,58 @@ for (const button of document.querySelectorAll("#presets button")) {
 
 // ---- capture ---------------------------------------------------------------------------------
 
-const capture = document.createElement("canvas");
-const captureCtx = capture.getContext("2d", { alpha: false });
-const sentMeter = new RateMeter();
-let encoding = false;
+const capture = new Capture(
+  ui.video,
+  {
+    ready: () => (!broadcaster.isOpen ? "closed" : broadcaster.bufferedAmount > 0 ? "busy" : "ok"),
+    send: (blob) => broadcaster.send(blob),
+    ended: (why) => stopCapture(why),
+  },
+  { fps: Number(ui.fps.value), size: Number(ui.size.value) },
+);
+ui.fps.addEventListener("change", () => {
+  capture.fps = Number(ui.fps.value);
+});
+ui.size.addEventListener("change", () => {
+  capture.size = Number(ui.size.value);
+});
 
-const ticker = new Worker("/static/ticker.js");
-ticker.onmessage = () => sendFrame();
-
-async function sendFrame() {
-  if (!capturing || encoding || !broadcaster.isOpen) return;
-  if (broadcaster.bufferedAmount > 0) {
-    held += 1;
-    return;
-  }
-  const vw = ui.video.videoWidth;
-  const vh = ui.video.videoHeight;
-  if (!vw || !vh) return; // the first camera frame is not there yet
-  const scale = Math.min(1, Number(ui.size.value) / Math.max(vw, vh));
-  const w = Math.max(2, Math.round((vw * scale) / 2) * 2);
-  const h = Math.max(2, Math.round((vh * scale) / 2) * 2);
-  if (capture.width !== w || capture.height !== h) {
-    capture.width = w;
-    capture.height = h;
-  }
-  encoding = true;
-  try {
-    captureCtx.drawImage(ui.video, 0, 0, w, h);
-    const blob = await new Promise((resolve) => capture.toBlob(resolve, "image/jpeg", JPEG_QUALITY));
-    if (blob && capturing && broadcaster.send(blob)) sentMeter.tick();
-  } finally {
-    encoding = false;
-  }
-}
-
-function setTicker() {
-  ticker.postMessage(capturing ? 1000 / Number(ui.fps.value) : 0);
-}
-ui.fps.addEventListener("change", setTicker);
-
-function mediaError(err, what) {
-  if (!window.isSecureContext) {
-    return `${what} needs a secure page: open the studio as http://localhost:${location.port || 80}/ on this machine, or serve it over https`;
-  }
-  switch (err && err.name) {
-    case "NotAllowedError":
-      return `${what} permission was refused; allow it in the browser's address bar and press the button again`;
-    case "NotFoundError":
-    case "OverconstrainedError":
-      return `no ${what} found; plug one in, pick another in the list, or use Share screen`;
-    case "NotReadableError":
-      return `the ${what} is busy in another program (close it there, or use Share screen)`;
-    default:
-      return `${what} failed: ${err && err.message ? err.message : err}`;
-  }
-}
-
-async function startCamera() {
-  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
-    say("error", mediaError(null, "the camera"));
-    return;
-  }
-  const video = { width: { ideal: 1280 }, height: { ideal: 720 } };
-  if (ui.camera.value) video.deviceId = { exact: ui.camera.value };
-  try {
-    useMedia(await navigator.mediaDevices.getUserMedia({ video, audio: false }), "camera");
-    await listCameras();
-  } catch (err) {
-    say("error", mediaError(err, "the camera"));
-  }
-}
-
-async function startScreen() {
-  if (!navigator.mediaDevices || !navigator.mediaDevices.getDisplayMedia) {
-    say("error", mediaError(null, "screen capture"));
-    return;
-  }
-  try {
-    useMedia(await navigator.mediaDevices.getDisplayMedia({ video: { frameRate: { ideal: 30 } }, audio: false }), "screen");
-  } catch (err) {
-    say("error", mediaError(err, "screen capture"));
-  }
-}
-
-function useMedia(stream, kind) {
-  stopTracks();
-  media = stream;
-  mediaKind = kind;
-  const [track] = stream.getVideoTracks();
-  track.addEventListener("ended", () => {
-    if (media === stream) stopCapture(`${kind} capture ended`);
-  });
-  ui.video.srcObject = stream;
-  ui.video.play().catch(() => {});
-  capturing = true;
-  held = 0;
-  ui.stop.disabled = false;
+async function start(kind) {
   if (!STREAM_ID.test(streamId())) {
-    stopCapture("the stream id must be 1-64 characters of A-Z a-z 0-9 _ -", "error");
+    say("error", "the stream id must be 1-64 characters of A-Z a-z 0-9 _ -");
     return;
   }
+  try {
+    const label = kind === "camera" ? await capture.camera(ui.camera.value) : await capture.screen();
+    say("info", `sending the ${kind} (${label})`);
+  } catch (err) {
+    say("error", err.message);
+    return;
+  }
+  ui.stop.disabled = false;
   broadcaster.start();
-  setTicker();
-  say("info", `sending the ${kind} (${track.label || "unnamed"})`);
-}
-
-function stopTracks() {
-  if (media) for (const track of media.getTracks()) track.stop();
-  media = null;
-  ui.video.srcObject = null;
+  if (kind === "camera") await fillCameraList();
 }
 
 function stopCapture(why, level = "info") {
-  capturing = false;
-  setTicker();
-  stopTracks();
+  capture.stop();
   broadcaster.stop();
   ui.stop.disabled = true;
   if (why) say(level, why);
 }
 
-async function listCameras() {
-  const devices = await navigator.mediaDevices.enumerateDevices();
+async function fillCameraList() {
   const chosen = ui.camera.value;
-  const cameras = devices.filter((d) => d.kind === "videoinput" && d.deviceId);
   ui.camera.replaceChildren(new Option("default camera", ""));
-  cameras.forEach((d, i) => ui.camera.append(new Option(d.label || `camera ${i + 1}`, d.deviceId)));
+  (await listCameras()).forEach((d, i) => ui.camera.append(new Option(d.label || `camera ${i + 1}`, d.deviceId)));
   ui.camera.value = chosen;
 }
 
-ui.startCamera.addEventListener("click", startCamera);
-ui.startScreen.addEventListener("click", startScreen);
+ui.startCamera.addEventListener("click", () => start("camera"));
+ui.startScreen.addEventListener("click", () => start("screen"));
 ui.stop.addEventListener("click", () => stopCapture("stopped"));
 ui.camera.addEventListener("change", () => {
-  if (capturing && mediaKind === "camera") startCamera();
+  if (capture.active && capture.kind === "camera") start("camera");
 });
 
 // ---- stream id, key, token: what the sockets and links use -------------------------------------
@@ -366,12 +272,12 @@ function onStreamChanged() {
   history.replaceState(null, "", url);
   document.title = `DreamStream studio · ${id}`;
   preview.retarget({ streamId: id, token: token() });
-  if (capturing) broadcaster.restart();
+  if (capture.active) broadcaster.restart();
   renderLinks();
 }
 ui.streamId.addEventListener("change", onStreamChanged);
 ui.key.addEventListener("change", () => {
-  if (capturing) broadcaster.restart();
+  if (capture.active) broadcaster.restart();
 });
 ui.token.addEventListener("change", () => {
   preview.retarget({ token: token() });
@@ -424,7 +330,7 @@ const PREVIEW_TEXT = {
 };
 
 setInterval(() => {
-  setText(stat("sent"), fmt(capturing ? sentMeter.rate() : 0));
+  setText(stat("sent"), fmt(capture.active ? capture.sent.rate() : 0));
   setText(stat("preview"), fmt(preview.fps));
   setText(stat("fps_in"), fmt(lastStats && lastStats.fps_in));
   setText(stat("fps_out"), fmt(lastStats && lastStats.fps_out));
@@ -432,7 +338,7 @@ setInterval(() => {
   setText(stat("rtt"), fmt(broadcaster.isOpen ? rttMs : null, 0));
   setText(stat("dropped"), lastStats ? String(lastStats.dropped) : "–");
   setText(stat("viewers"), lastStats ? String(lastStats.viewers) : "–");
-  setText(stat("held"), String(held));
+  setText(stat("held"), String(capture.held));
   const state = preview.feed.socket.link === "open" ? preview.state : "connecting";
   setText(ui.previewState, state === "live" && preview.frames === 0 ? "live: waiting for the first styled frame" : PREVIEW_TEXT[state] ?? state);
   ui.previewState.hidden = state === "live" && preview.canvas.hasFrame;
@@ -472,7 +378,7 @@ window.dreamstream = {
   preview,
   broadcaster,
   get framesSent() {
-    return sentMeter.count;
+    return capture.sent.count;
   },
 };
-if (cfg.autostart) startCamera();
+if (cfg.autostart) start("camera");
