@@ -31,7 +31,7 @@ from fastapi import FastAPI
 from service import codec
 from service.app import create_app
 from service.backends import CallableBackend
-from service.config import DEFAULT_STEPS, Settings, StreamConfig
+from service.config import Settings
 from service.engine import Engine, FrameJob
 
 log = logging.getLogger("dreamstream.modal")
@@ -225,15 +225,6 @@ def download_models(processors: str = "lightning,standard") -> None:
 # frames that arrive within BATCH_WAIT_MS (up to GPU_BATCH, from any streams and any gateway) into one
 # call; the Engine groups them by processor and restyles each group in one batch. Modal starts more
 # containers when frames queue up and stops them after GPU_IDLE_S without work.
-def default_config(settings: Settings, processor: str) -> StreamConfig:
-    """A new stream's config, as the server builds it (the Engine uses it to construct processors)."""
-    steps = settings.steps or DEFAULT_STEPS.get(processor, 1)
-    return StreamConfig(
-        prompt=settings.prompt, strength=settings.strength, num_steps=steps,
-        processor_type=processor, use_controlnet=settings.use_controlnet,
-    )
-
-
 def pool_processor(settings: Settings) -> str:
     """`auto` means lightning here: every container of the pool has a CUDA GPU (SPEC §3)."""
     return "lightning" if settings.processor == "auto" else settings.processor
@@ -272,7 +263,7 @@ class Restyler:
         settings = Settings.from_env()
         processor = pool_processor(settings)
         self.engine = Engine(
-            default_config(settings, processor), settings.processor_options,
+            settings.stream_defaults(processor), settings.processor_options,
             settings.max_frame_bytes, settings.max_frame_side, settings.jpeg_quality,
         )
         try:
@@ -310,7 +301,7 @@ class GpuPool(CallableBackend):
         self.frame_timeout_s = settings.processing_timeout_s
         self.warmup_timeout_s = warmup_timeout_s
         self.warmup_job = FrameJob(
-            "_warmup", codec.encode_jpeg(np.full((64, 64, 3), 128, np.uint8)), default_config(settings, processor)
+            "_warmup", codec.encode_jpeg(np.full((64, 64, 3), 128, np.uint8)), settings.stream_defaults(processor)
         )
 
     async def start(self) -> None:

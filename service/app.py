@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 
 from service import auth, codec, protocol
 from service.backends import LocalBackend, ProcessorBackend
-from service.config import DEFAULT_STEPS, Settings, StreamConfig, valid_stream_id
+from service.config import Settings, valid_stream_id
 from service.engine import Engine, FrameJob
 from service.hub import StreamHub
 from service.metrics import Metrics
@@ -42,15 +42,7 @@ class DreamStream:
             processor, reason = resolve_auto(settings.processor)
         else:
             processor, reason = backend.processor, backend.reason
-        steps = settings.steps or DEFAULT_STEPS.get(processor, 1)
-        self.default_config = StreamConfig(
-            prompt=settings.prompt,
-            strength=settings.strength,
-            num_steps=steps,
-            processor_type=processor,
-            use_controlnet=settings.use_controlnet,
-        )
-        self.default_config.validate()
+        self.default_config = settings.stream_defaults(processor)
         self.metrics = Metrics()
         self.hub = StreamHub(
             self.default_config,

@@ -23,6 +23,9 @@ class ProcessorBackend(ABC):
     processor: str  # the default processor type
     device: str
     reason: str  # why that processor was chosen (shown in the log and the UI)
+    # How many batches the scheduler may have in flight at once. One local worker: 1. A remote pool
+    # serves several, and a stream's fps would otherwise be capped by one round trip per frame.
+    max_in_flight: int = 1
 
     async def start(self) -> None:
         """Load and warm up the default processor before the first frame arrives."""
@@ -124,11 +127,13 @@ class CallableBackend(ProcessorBackend):
         processor: str,
         device: str,
         reason: str,
+        max_in_flight: int = 4,
     ) -> None:
         self.call = call
         self.processor = processor
         self.device = device
         self.reason = reason
+        self.max_in_flight = max_in_flight
 
     async def process(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
         try:

@@ -148,6 +148,18 @@ class Settings:
                 setattr(settings, key, value)
         return settings
 
+    def stream_defaults(self, processor: str) -> StreamConfig:
+        """A new stream's config under these settings, for `processor` (steps: its default unless set)."""
+        config = StreamConfig(
+            prompt=self.prompt,
+            strength=self.strength,
+            num_steps=self.steps or DEFAULT_STEPS.get(processor, 1),
+            processor_type=processor,
+            use_controlnet=self.use_controlnet,
+        )
+        config.validate()
+        return config
+
     @property
     def keys_enabled(self) -> bool:
         return bool(self.stream_keys or self.broadcast_key)

@@ -35,6 +35,7 @@ class PendingFrame:
     data: bytes  # the encoded image as received; its header already checked
     ts: float  # the broadcaster's ts, or the receive time, in ms since the epoch
     received: float = field(default_factory=time.monotonic)
+    number: int = 0  # the stream's frames_in count when it arrived: orders results that return out of order
 
 
 @dataclass
@@ -132,6 +133,7 @@ class Stream:
         self.viewers: set[Connection] = set()
         self.pending: PendingFrame | None = None
         self.seq = 0
+        self.last_shown = 0  # `number` of the newest frame shown to viewers
         self.frames_in = 0
         self.frames_out = 0
         self.dropped = 0
@@ -302,7 +304,7 @@ class StreamHub:
             stream.tokens -= 1.0
         if stream.pending is not None:
             self._drop(stream, "superseded")
-        stream.pending = PendingFrame(data, ts if ts is not None else protocol.now_ms(), now)
+        stream.pending = PendingFrame(data, ts if ts is not None else protocol.now_ms(), now, stream.frames_in)
         self._ready[stream.id] = None
         self._has_work.set()
         return True
@@ -339,6 +341,10 @@ class StreamHub:
         if job.version != stream.config_version or self.streams.get(stream.id) is not stream:
             self._drop(stream, "stale")  # styled with a config the stream no longer has
             return
+        if job.frame.number <= stream.last_shown:
+            self._drop(stream, "stale")  # a newer frame of this stream came back first (several rounds in flight)
+            return
+        stream.last_shown = job.frame.number
         now = time.monotonic()
         latency_ms = (now - job.frame.received) * 1000.0
         stream.seq += 1

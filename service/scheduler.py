@@ -1,5 +1,11 @@
 """The loop between the hub and the backend: take the newest frame of each waiting stream, style them in
-one batch, hand the results back. One batch at a time, so the processor is never shared."""
+one batch, hand the results back.
+
+A local backend takes one batch at a time (its one worker owns the processor). A remote pool takes
+`max_in_flight` batches at once, so a stream's frame rate is not capped by one round trip per frame;
+results that come back after a newer frame of the same stream are dropped by the hub, so viewers never
+see a stream go back in time.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from service import protocol
 from service.backends import ProcessorBackend
 from service.codec import FrameError
 from service.engine import FrameJob
-from service.hub import StreamHub
+from service.hub import Job, StreamHub
 
 log = logging.getLogger("dreamstream.scheduler")
 
@@ -20,47 +26,53 @@ class Scheduler:
         self.hub = hub
         self.backend = backend
         self.max_batch = max_batch
-        self.in_flight: asyncio.Future | None = None
+        self.max_in_flight = max(1, backend.max_in_flight)
+        self.rounds: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._stopping = False
+
+    @property
+    def in_flight(self) -> bool:
+        return bool(self.rounds)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="dreamstream-scheduler")
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Let the batch in flight finish and reach its viewers (up to `timeout`), then stop.
-
-        The loop itself publishes the batch and then sees `_stopping`; cancelling it while a batch is
-        in flight would throw the styled frames away.
-        """
+        """Stop taking frames, let the batches in flight finish and reach their viewers (up to `timeout`)."""
         self._stopping = True
-        task = self._task
-        if task is None or task.done():
-            return
-        if self.in_flight is not None:
-            done, _ = await asyncio.wait([task], timeout=timeout)
-            if done:
-                return
-            log.warning("the batch in flight did not finish within %.0f s of shutdown", timeout)
-        task.cancel()  # idle (waiting for work), or out of time
-        await asyncio.gather(task, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()  # it only ever waits for work or for a free slot
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.rounds:
+            _, late = await asyncio.wait(self.rounds, timeout=timeout)
+            if late:
+                log.warning("%d batch(es) in flight did not finish within %.0f s of shutdown", len(late), timeout)
+                for task in late:
+                    task.cancel()
 
     async def run(self) -> None:
+        slots = asyncio.Semaphore(self.max_in_flight)
         while not self._stopping:
             await self.hub.wait_for_work()
+            await slots.acquire()
             jobs = self.hub.take_batch(self.max_batch)
             if not jobs:
+                slots.release()
                 continue
+            task = asyncio.create_task(self._round(jobs, slots))
+            self.rounds.add(task)
+            task.add_done_callback(self.rounds.discard)
+
+    async def _round(self, jobs: list[Job], slots: asyncio.Semaphore) -> None:
+        try:
             self.hub.metrics.batch_size.observe(len(jobs))
             batch = [FrameJob(job.stream.id, job.frame.data, job.config) for job in jobs]
-            self.in_flight = asyncio.ensure_future(self.backend.process(batch))
             try:
-                results = await self.in_flight
+                results = await self.backend.process(batch)
             except Exception as exc:  # the backend promises not to raise; be safe anyway
                 log.exception("backend failed")
                 results = [exc] * len(jobs)
-            finally:
-                self.in_flight = None
             for job, result in zip(jobs, results, strict=True):
                 if isinstance(result, bytes):
                     self.hub.publish_styled(job, result)
@@ -69,3 +81,5 @@ class Scheduler:
                 else:
                     message = f"processing failed: {result}" if str(result) else "processing failed"
                     self.hub.tell_broadcaster(job.stream, protocol.error("processing_failed", message))
+        finally:
+            slots.release()

@@ -71,3 +71,56 @@ def test_switching_processor_takes_its_default_steps():
     assert cfg.updated({"processor_type": "standard"}).num_steps == 25
     assert cfg.updated({"processor_type": "lightning"}).num_steps == 4
     assert cfg.updated({"processor_type": "lightning", "num_steps": 8}).num_steps == 8
+
+
+def test_a_result_that_returns_after_a_newer_one_is_dropped():
+    """With several rounds in flight (a remote GPU pool), results can return out of order."""
+
+    async def main():
+        hub = make_hub(max_fps=0)
+        stream = hub.open("s")
+        viewer = Connection(FakeSocket())
+        hub.add_viewer(stream, viewer)
+        hub.submit(stream, b"frame-1", 1.0)
+        [first] = hub.take_batch(8)
+        hub.submit(stream, b"frame-2", 2.0)
+        [second] = hub.take_batch(8)
+        hub.publish_styled(second, b"styled-2")
+        hub.publish_styled(first, b"styled-1")
+        assert viewer._frame.jpeg == b"styled-2"
+        assert stream.frames_out == 1 and stream.dropped == 1
+
+    asyncio.run(main())
+
+
+def test_a_remote_pool_gets_several_batches_in_flight():
+    """The scheduler keeps `max_in_flight` rounds going, so one slow round trip doesn't cap a stream's fps."""
+    from service.backends import CallableBackend
+    from service.scheduler import Scheduler
+
+    async def main():
+        hub = make_hub(max_fps=0)
+        stream = hub.open("s")
+        viewer = Connection(FakeSocket())
+        hub.add_viewer(stream, viewer)
+        concurrent = peak = 0
+
+        async def remote(jobs):
+            nonlocal concurrent, peak
+            concurrent += 1
+            peak = max(peak, concurrent)
+            await asyncio.sleep(0.05)  # a 50 ms round trip
+            concurrent -= 1
+            return [job.data for job in jobs]
+
+        scheduler = Scheduler(hub, CallableBackend(remote, "identity", "remote", "test", max_in_flight=4))
+        scheduler.start()
+        for i in range(40):  # 200 fps for 0.2 s
+            hub.submit(stream, b"frame-%d" % i, float(i))
+            await asyncio.sleep(0.005)
+        await scheduler.stop()
+        assert peak == 4
+        assert stream.frames_out >= 10  # one round at a time would give at most ~5 in 0.25 s
+        assert viewer._frame.jpeg == b"frame-39"
+
+    asyncio.run(main())
