@@ -67,11 +67,11 @@ def panel(image: Image.Image | None, label: str, size: tuple[int, int], font: Im
     draw = ImageDraw.Draw(out)
     if image is not None:
         out.paste(image.resize(size), (0, 0))
-        text = textwrap.fill(label, width=max(20, width // 8))
+        text = textwrap.fill(label, width=max(20, width // 9))
         draw.multiline_text((6, height + 4), text, fill=(240, 240, 240), font=font, spacing=2)
     else:
         draw.rectangle((0, 0, width, height), fill=(60, 20, 20))
-        draw.multiline_text((8, 8), textwrap.fill(label, width=max(20, width // 8)), fill=(255, 200, 200),
+        draw.multiline_text((8, 8), textwrap.fill(label, width=max(20, width // 9)), fill=(255, 200, 200),
                             font=font, spacing=2)
         draw.text((6, height + 4), label.split(":")[0], fill=(255, 120, 120), font=font)
     return out
