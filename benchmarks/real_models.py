@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tests.tiny_models import LIGHTNING_FILES, _tokenizer, _write_tokenizer_files
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 KEYS = ("sd15", "sd15_controlnet", "sdxl", "sdxl_controlnet", "lightning", "depth", "taesd", "taesdxl")
 
 SD15_UNET = dict(cross_attention_dim=768, sample_size=64)
@@ -64,7 +64,6 @@ def build_real_models(root: Path, device: str = "cuda") -> dict[str, Path]:
     from diffusers import (
         AutoencoderKL,
         AutoencoderTiny,
-        ControlNetModel,
         EulerDiscreteScheduler,
         PNDMScheduler,
         StableDiffusionPipeline,
@@ -96,7 +95,7 @@ def build_real_models(root: Path, device: str = "cuda") -> dict[str, Path]:
             ),
         )
         pipe.save_pretrained(paths["sd15"])
-        ControlNetModel(cross_attention_dim=768).to(dtype).save_pretrained(paths["sd15_controlnet"])
+        _controlnet(cross_attention_dim=768).to(dtype).save_pretrained(paths["sd15_controlnet"])
         del pipe, unet
         torch.cuda.empty_cache()
 
@@ -113,7 +112,7 @@ def build_real_models(root: Path, device: str = "cuda") -> dict[str, Path]:
             ),
         )
         pipe.save_pretrained(paths["sdxl"])
-        ControlNetModel(**SDXL_CONTROLNET_SMALL).to(dtype).save_pretrained(paths["sdxl_controlnet"])
+        _controlnet(**SDXL_CONTROLNET_SMALL).to(dtype).save_pretrained(paths["sdxl_controlnet"])
         from safetensors.torch import save_file
 
         paths["lightning"].mkdir(parents=True, exist_ok=True)
@@ -133,6 +132,20 @@ def build_real_models(root: Path, device: str = "cuda") -> dict[str, Path]:
     manifest.write_text(json.dumps({"version": BUILD_VERSION, "paths": {k: str(v) for k, v in paths.items()}}))
     _log(f"built in {time.monotonic() - started:.0f} s under {root}")
     return paths
+
+
+def _controlnet(**config):
+    """A ControlNet whose zero convolutions hold small random weights, as training leaves them: with the
+    zeros of a fresh init its residuals vanish, and equivalence checks could not see the ControlNet."""
+    import torch
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel(**config)
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                     controlnet.controlnet_cond_embedding.conv_out]:
+            conv.weight.normal_(0, 0.02)
+    return controlnet
 
 
 def _build_depth_small(folder: Path) -> None:

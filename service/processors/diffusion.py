@@ -21,6 +21,7 @@ model; prompts, seeds and images stay per request, so streams never see each oth
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from service.codec import fit_to
+from service.processors.accel import Accelerator
 from service.processors.base import FrameRequest, Processor
 from service.processors.depth import load_depth_estimator
 from service.processors.models import ModelSource, load_model, model_source, resolve_device_dtype
@@ -42,7 +44,7 @@ log = logging.getLogger("dreamstream.processors")
 
 V = TypeVar("V")
 MODEL_OPTIONS = ("base_model", "controlnet_model", "depth_model", "tiny_vae")
-COMMON_OPTIONS = MODEL_OPTIONS + ("device", "dtype", "width", "height", "controlnet_scale")
+COMMON_OPTIONS = MODEL_OPTIONS + ("device", "dtype", "width", "height", "controlnet_scale", "compile", "batch_sizes")
 
 
 def steps_to_run(num_steps: int, strength: float) -> int:
@@ -143,8 +145,15 @@ class DiffusionProcessor(Processor):
         self._prompts: LRU = LRU(64)
         self._noise: LRU = LRU(64)
         self._schedules: dict[tuple[int, int], Schedule] = {}
+        self.accel = Accelerator.from_options(options.get("compile"), options.get("batch_sizes"), self.device)
         self.load_models()
         self._load_vae()
+        self.accel.optimize(self.unet, self.vae)
+        # The fast path plugs in here and nowhere else: these four model calls, as the mode runs them.
+        self.unet_with_control = self.accel.function("unet+controlnet", self.unet_with_control)  # type: ignore[method-assign]
+        self.vae_encode = self.accel.function("vae_encode", self.vae_encode)  # type: ignore[method-assign]
+        self.vae_decode = self.accel.function("vae_decode", self.vae_decode)  # type: ignore[method-assign]
+        self.estimate_depth = self.accel.function("depth", self.estimate_depth)  # type: ignore[method-assign]
         if self.use_controlnet:
             self.ensure_controlnet()
 
@@ -194,6 +203,7 @@ class DiffusionProcessor(Processor):
         depth_source = self.sources["depth_model"]
         assert depth_source is not None
         self.depth = load_depth_estimator(depth_source, self.device, self.dtype)
+        self.accel.optimize(self.controlnet)
 
     # --- per-request caches -----------------------------------------------------------------------
 
@@ -259,7 +269,21 @@ class DiffusionProcessor(Processor):
 
     def run_group(self, requests: list[FrameRequest], num_steps: int, run: int,
                   use_controlnet: bool) -> list[np.ndarray]:
-        """One batched pass for requests that share their timesteps: the whole per-frame work."""
+        """Requests that share their timesteps, in batches of the sizes the fast path has graphs for.
+
+        With `compile` on, a group is split at the largest batch size and each part is padded (with copies
+        of its last request, whose outputs are dropped) to the next size, so shapes stay static.
+        """
+        images: list[np.ndarray] = []
+        for start, stop, size in self.accel.batches(len(requests)):
+            part = requests[start:stop]
+            padded = part + [part[-1]] * (size - len(part))
+            images += self.run_batch(padded, num_steps, run, use_controlnet)[:len(part)]
+        return images
+
+    def run_batch(self, requests: list[FrameRequest], num_steps: int, run: int,
+                  use_controlnet: bool) -> list[np.ndarray]:
+        """One batched pass: the whole per-frame work."""
         self.prepare_steps(num_steps)
         pixels = self.to_pixels([r.image for r in requests])
         latents = self.encode(pixels)
@@ -277,18 +301,28 @@ class DiffusionProcessor(Processor):
         return torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 255
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vae_encode(pixels)
+
+    def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """The latent mean, not a sample: no extra randomness per frame, and the same for TAESD."""
         out = self.vae.encode(pixels.to(self.vae_dtype) * 2 - 1)
         latents = out.latents if hasattr(out, "latents") else out.latent_dist.mode()
         return (latents.float() - self.latent_shift) * self.latent_scale
 
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
+        return list(self.vae_decode(latents).cpu().numpy())
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> (B, H, W, 3) uint8 on the device: only the finished pixels cross the bus."""
         image = self.vae.decode((latents / self.latent_scale + self.latent_shift).to(self.vae_dtype)).sample
         image = ((image.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return list(image.permute(0, 2, 3, 1).cpu().numpy())
+        return image.permute(0, 2, 3, 1).contiguous()
 
     def control_image(self, pixels: torch.Tensor) -> torch.Tensor:
         self.ensure_controlnet()
+        return self.estimate_depth(pixels)
+
+    def estimate_depth(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.depth(pixels).to(self.dtype)
 
     def conditioning(self, prompts: list[str]) -> Any:
@@ -301,7 +335,7 @@ class DiffusionProcessor(Processor):
 
     def unet_with_control(self, sample: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
                           control: torch.Tensor | None, added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """ControlNet then UNet: the pair a CUDA-graph compile should capture as one function."""
+        """ControlNet then UNet: one function, so the fast path (`accel`) captures the pair as one CUDA graph."""
         residuals: dict[str, Any] = {}
         if control is not None:
             down, mid = self.controlnet(sample, t, encoder_hidden_states=embeds, controlnet_cond=control,
@@ -328,13 +362,32 @@ class DiffusionProcessor(Processor):
     # --- Processor API ----------------------------------------------------------------------------
 
     def warmup(self) -> None:
-        """One real frame (a gradient, not zeros) so the first viewer doesn't pay for lazy init."""
+        """Real frames (a gradient, not zeros) so the first viewer doesn't pay for lazy init.
+
+        With `compile` on, one batch of every padded size, with and without the ControlNet (when it is
+        loaded): this is where the CUDA graphs are captured and inductor compiles, with progress in the log.
+        """
         ramp = np.linspace(0, 255, self.width, dtype=np.float32)
         image = np.stack([np.tile(ramp, (self.height, 1))] * 3, axis=-1).astype(np.uint8)
         image[..., 1] = image[..., 1].T if self.width == self.height else image[..., 1]
         start = time.perf_counter()
-        self.process_batch([self.request(image)])
-        log.info("%s warm-up frame: %.0f ms", self.name, (time.perf_counter() - start) * 1000)
+        if not self.accel.enabled:
+            self.process_batch([self.request(image)])
+            self.warmup_seconds = time.perf_counter() - start
+            log.info("%s warm-up frame: %.0f ms", self.name, self.warmup_seconds * 1000)
+            return
+        controlnet = (True, False) if self.controlnet is not None else (False,)
+        shapes = [(size, cn) for size in self.accel.batch_sizes for cn in controlnet]
+        log.info("%s: compiling (compile=%s) for %d batch shapes; the first can take minutes", self.name,
+                 self.accel.mode, len(shapes))
+        for i, (size, cn) in enumerate(shapes, 1):
+            step = time.perf_counter()
+            self.process_batch([dataclasses.replace(self.request(image), use_controlnet=cn)] * size)
+            log.info("%s: compiled batch %d, controlnet %s (%d/%d) in %.1f s", self.name, size,
+                     "on" if cn else "off", i, len(shapes), time.perf_counter() - step)
+        self.warmup_seconds = time.perf_counter() - start
+        log.info("%s warm-up done in %.1f s (%d CUDA graphs)", self.name, self.warmup_seconds,
+                 self.accel.graph_count())
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -347,4 +400,5 @@ class DiffusionProcessor(Processor):
             "strength": self.strength,
             "use_controlnet": self.use_controlnet,
             "models": {name: (s.value if s else None) for name, s in self.sources.items()},
+            "compile": self.accel.describe(),
         }

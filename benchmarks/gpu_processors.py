@@ -1,0 +1,270 @@
+"""The diffusion processors on a GPU, real-size random models: JPEG bytes in -> JPEG bytes out, per frame.
+
+    python benchmarks/gpu_processors.py                        # everything (resumes: see --out)
+    python benchmarks/gpu_processors.py --quick                # the four targets, their baselines, checks
+    python benchmarks/gpu_processors.py --only 'lightning/*' --frames 50
+    python benchmarks/gpu_processors.py --list                 # the case names
+    python benchmarks/gpu_processors.py --tiny --device cpu    # smoke test of this script on tiny models
+
+Method (../shared/PERF.md): models of the real architectures with random weights (benchmarks/real_models.py,
+built once under --models, ~26 GB) do the real arithmetic. They are loaded by the project's own processors
+from local paths (the real loading path) and driven through `service.engine.Engine.run` with `FrameJob`s,
+which is the server's path: decode, processor, JPEG encode. Each case reports the median time per
+`Engine.run` after warm-up, over rotating 512x512 frames (gradients, shapes and noise; never zeros), the
+stages of that time, peak GPU memory, and beside it, in the same run: the plain diffusers pipeline
+called once per frame, and the floor (FLOPs counted with FlopCounterMode over the measured bf16 matmul
+rate, or weight bytes over the measured copy bandwidth, whichever is larger).
+
+Results go to --out as each case finishes (JSON), so a killed run keeps what it measured and the next run
+skips it; benchmarks/gpu_report.py turns the JSON into the table and the plot (done at the end here too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import gpu_cases  # noqa: E402
+from benchmarks.gpu_cases import Case  # noqa: E402
+from service import codec  # noqa: E402
+
+log = logging.getLogger("gpu_processors")
+
+
+# --- inputs -----------------------------------------------------------------------------------------
+
+def make_frames(count: int, size: int) -> list[bytes]:
+    """Distinct JPEGs: a colour gradient, a few shapes and noise, each frame different."""
+    frames = []
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    for i in range(count):
+        rng = np.random.default_rng(1000 + i)
+        img = np.stack([x * 255, y * 255, (1 - x) * (0.5 + 0.5 * np.sin(8 * y + i)) * 255], -1)
+        for _ in range(4):
+            cx, cy, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.25)
+            img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
+        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+        frames.append(codec.encode_jpeg(img, 90))
+    return frames
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    paths: dict[str, Path]
+    frames: list[bytes]
+    results: dict[str, Any]
+    started: float = field(default_factory=time.monotonic)
+    loaded: dict[str, Any] = field(default_factory=dict)  # resource key -> engine / pipelines / processor
+    resident: dict[str, int] = field(default_factory=dict)  # resource key -> bytes it holds on the GPU
+    failed: dict[str, str] = field(default_factory=dict)  # resource key -> why it did not load
+
+    @property
+    def cuda(self) -> bool:
+        return self.args.device == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def save(self) -> None:
+        out = Path(self.args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1, default=str))
+        tmp.replace(out)
+
+    def get(self, key: str) -> Any:
+        """A loaded resource (engine, pipeline set, bare processor), loading it on first use."""
+        if key in self.failed:
+            raise RuntimeError(f"{key} failed to load earlier: {self.failed[key]}")
+        if key not in self.loaded:
+            before = gpu_allocated()
+            started = time.monotonic()
+            progress(f"loading {key} ...")
+            try:
+                self.loaded[key] = gpu_cases.load_resource(self, key)
+            except Exception as exc:
+                self.failed[key] = f"{type(exc).__name__}: {exc}"
+                raise
+            self.resident[key] = gpu_allocated() - before
+            seconds = time.monotonic() - started
+            info = self.results.setdefault("loads", {}).setdefault(key, {})
+            info.update(seconds=round(seconds, 1), gpu_gb=round(self.resident[key] / 2**30, 2))
+            warm = getattr(self.loaded[key], "warmup_seconds", None)
+            if warm is not None:
+                info["warmup_compile_s"] = round(warm, 1)
+            progress(f"loaded {key} in {seconds:.0f} s ({self.resident[key] / 2**30:.1f} GB on the GPU)")
+        return self.loaded[key]
+
+    def release_unneeded(self, remaining: list[Case]) -> None:
+        needed = {key for case in remaining for key in case.resources}
+        for key in [k for k in self.loaded if k not in needed]:
+            del self.loaded[key]
+            self.resident.pop(key, None)
+            progress(f"released {key}")
+        gc.collect()
+        if self.cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def gpu_allocated() -> int:
+    import torch
+
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def timed_median(fn: Callable[[], Any], warm: int, count: int, sync: Callable[[], None]) -> list[float]:
+    for _ in range(warm):
+        fn()
+    sync()
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float], frames_per_call: int = 1) -> dict[str, Any]:
+    ms = sorted(t * 1000 for t in times)
+    median = statistics.median(ms)
+    return {"median_ms": round(median, 2), "p10_ms": round(ms[len(ms) // 10], 2),
+            "p90_ms": round(ms[min(len(ms) - 1, len(ms) * 9 // 10)], 2), "runs": len(ms),
+            "fps_total": round(1000 * frames_per_call / median, 2), "fps_per_stream": round(1000 / median, 2)}
+
+
+def select(cases: list[Case], args: argparse.Namespace) -> list[Case]:
+    chosen = [c for c in cases if not args.quick or c.quick]
+    if args.only:
+        chosen = [c for c in chosen if any(fnmatch.fnmatch(c.name, p) for p in args.only)]
+    if args.skip:
+        chosen = [c for c in chosen if not any(fnmatch.fnmatch(c.name, p) for p in args.skip)]
+    return chosen
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    import diffusers
+    import torch
+    import transformers
+
+    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "host": platform.node(), "device": args.device,
+            "command": "python " + " ".join(sys.argv)}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                    multiprocessors=props.multi_processor_count)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="/tmp/real-models", help="the real-size models (built if missing)")
+    parser.add_argument("--out", default="benchmarks/results/gpu_processors.json", help="results JSON (appended)")
+    parser.add_argument("--resume", help="results JSON to start from (default: --out)")
+    parser.add_argument("--plot", help="PNG to write at the end (default: --out with .png)")
+    parser.add_argument("--only", nargs="*", help="case name patterns (fnmatch), e.g. 'lightning/*'")
+    parser.add_argument("--skip", nargs="*", help="case name patterns to leave out")
+    parser.add_argument("--quick", action="store_true", help="only the target cases, their baselines and checks")
+    parser.add_argument("--force", action="store_true", help="re-run cases already in the results")
+    parser.add_argument("--frames", type=int, default=40, help="timed Engine.run calls per case")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed calls before timing")
+    parser.add_argument("--plain-frames", type=int, default=6, help="timed calls of each plain pipeline")
+    parser.add_argument("--stage-frames", type=int, default=10, help="frames timed stage by stage")
+    parser.add_argument("--budget-s", type=float, default=0, help="start no new case after this many seconds")
+    parser.add_argument("--compile", help="compile mode of the default engines (default: the processors' own)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny models at 64 px: a smoke test of this script")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args(argv)
+    args.size = 64 if args.tiny else 512
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    cases = select(gpu_cases.all_cases(), args)
+    if args.list:
+        print("\n".join(f"{c.name}{'  [quick]' if c.quick else ''}" for c in cases))
+        return 0
+    resume = Path(args.resume or args.out)
+    results: dict[str, Any] = json.loads(resume.read_text()) if resume.exists() else {}
+    results.setdefault("cases", {})
+    env = environment(args)
+    results.setdefault("meta", env)
+    results["meta"].setdefault("calls", []).append({k: env[k] for k in ("date", "command", "torch")})
+
+    if args.tiny:
+        from tests.tiny_models import build_tiny_models
+
+        paths = build_tiny_models(Path(args.models))
+    else:
+        from benchmarks.real_models import build_real_models
+
+        progress(f"real-size models under {args.models} (built on first use, ~1 min)")
+        paths = build_real_models(Path(args.models), device=args.device)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    run = Run(args, paths, make_frames(8, args.size), results)
+    todo = [c for c in cases if args.force or c.name not in results["cases"]]
+    progress(f"{len(todo)} of {len(cases)} cases to run ({len(cases) - len(todo)} already in {resume})")
+    run.release_unneeded(todo)
+    failures = 0
+    for i, case in enumerate(todo):
+        if args.budget_s and run.elapsed() > args.budget_s:
+            progress(f"budget of {args.budget_s:.0f} s spent: stopping before {case.name} (run again to go on)")
+            break
+        progress(f"[{i + 1}/{len(todo)}] {case.name}")
+        try:
+            outcome = gpu_cases.run_case(run, case)
+            outcome["elapsed_s"] = round(run.elapsed(), 1)
+            results["cases"][case.name] = outcome
+            progress(f"    {gpu_cases.one_line(outcome)}")
+        except Exception as exc:  # one broken case must not cost the rest of the run
+            failures += 1
+            logging.exception("case %s failed", case.name)
+            results.setdefault("errors", {})[case.name] = f"{type(exc).__name__}: {exc}"
+        run.save()
+        run.release_unneeded(todo[i + 1:])
+    run.save()
+    from benchmarks import gpu_report
+
+    gpu_report.report(results, Path(args.plot) if args.plot else Path(args.out).with_suffix(".png"))
+    return 1 if failures else 0
+
+
+def copy_case(case: Case, **changes: Any) -> Case:
+    return replace(case, **changes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

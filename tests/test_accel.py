@@ -1,0 +1,74 @@
+"""The fast-path switches (service/processors/accel.py) on CPU: options, batch padding, regional compile.
+
+CUDA graphs themselves need a GPU: benchmarks/gpu_processors.py checks them there against the eager
+path. Here the same code runs minus the graphs, so padding, splitting and inductor stay covered.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from service.processors import FrameRequest, create_processor
+from service.processors.accel import Accelerator, parse_batch_sizes, parse_mode
+from tests.fixtures_diffusion import textured_frame
+
+pytest_plugins = ["tests.fixtures_diffusion"]
+SIZE = {"width": 64, "height": 64}
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_mode_defaults_env_and_errors(monkeypatch):
+    monkeypatch.delenv("DREAMSTREAM_COMPILE", raising=False)
+    assert parse_mode(None, CPU)[0] == "off"
+    assert parse_mode(None, CUDA)[0] == "regional"
+    assert parse_mode("on", CUDA)[0] == "regional" and parse_mode(True, CPU)[0] == "off"
+    assert parse_mode("false", CUDA)[0] == "off" and parse_mode("graphs", CUDA)[0] == "graphs"
+    monkeypatch.setenv("DREAMSTREAM_COMPILE", "full")
+    assert parse_mode(None, CUDA) == ("full", "env DREAMSTREAM_COMPILE=full")
+    assert parse_mode("off", CUDA)[0] == "off"  # the option wins over the env var
+    with pytest.raises(ValueError, match="compile must be one of"):
+        parse_mode("max-autotune", CUDA)
+
+
+def test_batch_sizes(monkeypatch):
+    monkeypatch.delenv("DREAMSTREAM_BATCH_SIZES", raising=False)
+    assert parse_batch_sizes(None) == (1, 2, 4, 8)
+    assert parse_batch_sizes("4, 1,2") == (1, 2, 4)
+    assert parse_batch_sizes([3]) == (3,)
+    monkeypatch.setenv("DREAMSTREAM_BATCH_SIZES", "1,16")
+    assert parse_batch_sizes(None) == (1, 16)
+    for bad in ("0,1", "a", "", [True]):
+        with pytest.raises(ValueError, match="batch_sizes"):
+            parse_batch_sizes(bad)
+
+
+def test_batches_pad_to_the_next_size_and_split_at_the_largest():
+    accel = Accelerator("graphs", (1, 2, 4, 8), CPU)
+    assert accel.batches(1) == [(0, 1, 1)]
+    assert accel.batches(3) == [(0, 3, 4)]
+    assert accel.batches(8) == [(0, 8, 8)]
+    assert accel.batches(11) == [(0, 8, 8), (8, 11, 4)]
+    assert Accelerator("off", (1, 2, 4, 8), CPU).batches(11) == [(0, 11, 11)]
+
+
+def test_cpu_default_is_the_untouched_eager_path(tiny_env, monkeypatch):
+    monkeypatch.delenv("DREAMSTREAM_COMPILE", raising=False)
+    proc = create_processor("lightning", use_controlnet=False, **SIZE)
+    assert proc.describe()["compile"] == {"mode": "off", "cuda_graphs": False, "batch_sizes": [1, 2, 4, 8],
+                                          "graphs_captured": 0}
+    assert proc.unet_with_control.__func__ is type(proc).unet_with_control  # not wrapped
+
+
+def test_regional_compile_with_padding_matches_eager(tiny_env):
+    """Three frames through batch sizes (2,): split 2 + 1, the 1 padded to 2; inductor on the blocks."""
+    requests = [FrameRequest(textured_frame(seed=i), f"prompt {i}", 0.7, 2, 10 + i, i != 1) for i in range(3)]
+    eager = create_processor("lightning", num_steps=2, compile="off", **SIZE)
+    fast = create_processor("lightning", num_steps=2, compile="regional", batch_sizes="2", **SIZE)
+    assert fast.accel.batches(3) == [(0, 2, 2), (2, 3, 2)]
+    fast.warmup()
+    ours, reference = fast.process_batch(requests), eager.process_batch(requests)
+    for a, b in zip(ours, reference, strict=True):
+        assert a.shape == b.shape == (64, 64, 3)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
