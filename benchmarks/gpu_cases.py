@@ -71,13 +71,14 @@ ENGINES = {
     "lightning/vae@fp32": EngineSpec("lightning", "vae", "off", dtype="fp32"),
     "standard/vae@fp32": EngineSpec("standard", "vae", "off", dtype="fp32"),
     "lightning/taesd@graphs": EngineSpec("lightning", "taesd", "graphs"),
-    "lightning/taesd@full": EngineSpec("lightning", "taesd", "full", controlnet=False),  # minutes per shape
+    "lightning/taesd@full": EngineSpec("lightning", "taesd", "full"),  # minutes per shape
+    "lightning/taesd@full8": EngineSpec("lightning", "taesd", "full", batch_sizes="8", controlnet=False),
 }
 
 
 def all_cases() -> list[Case]:
     """Every case, in the order they run: the targets' own first, then checks, baselines, extras."""
-    cases = [Case("device/peak", "device", quick=True)]
+    cases = [Case("device/peak", "device", quick=True), *gpu_jpeg_cases()]
     for steps in (1, 2, 4, 8):
         for cn in (False, True):
             quick = (steps, cn) in ((1, False), (4, True))
@@ -121,10 +122,22 @@ def all_cases() -> list[Case]:
                 cases.append(_plain(_frames("lightning", steps, cn, vae, ()), quick))
     cases.append(_plain(_frames("standard", 25, True, "vae", ()), True))
     for mode in ("graphs", "full"):
-        for steps, cn in ((1, False), (4, True)) if mode == "graphs" else ((1, False),):
+        for steps, cn in ((1, False), (4, True)):
             case = _frames("lightning", steps, cn, "taesd", (f"lightning/taesd@{mode}",))
             cases.append(replace(case, name=f"{case.name}@{mode}"))
+    case = _frames("lightning", 2, False, "taesd", ("lightning/taesd@full8",), streams=8, as_streams=True)
+    cases.append(replace(case, name=f"{case.name}@full"))
     return cases
+
+
+def gpu_jpeg_cases() -> list[Case]:
+    """JPEG decoded and encoded on the GPU around the processor's model calls: what Engine.run would do
+    with nvJPEG (it uses libjpeg-turbo on the CPU today). Run early: they reuse the default engines."""
+    cases = [_frames("lightning", 1, False, "taesd", ("lightning/taesd",)),
+             _frames("lightning", 4, True, "taesd", ("lightning/taesd",)),
+             _frames("lightning", 2, False, "taesd", ("lightning/taesd",), streams=8, as_streams=True),
+             _frames("standard", 25, True, "taesd", ("standard/taesd",))]
+    return [replace(c, name=f"{c.name}+gpujpeg", kind="gpujpeg", quick=True) for c in cases]
 
 
 def _frames(processor: str, steps: int, cn: bool, vae: str, resources: tuple[str, ...], streams: int = 1,
@@ -188,11 +201,12 @@ def load_resource(run: Run, key: str) -> Any:
 # --- running a case ---------------------------------------------------------------------------------
 
 def run_case(run: Run, case: Case) -> dict[str, Any]:
-    handler = {"device": gpu_checks.device_peak, "frames": frames_case, "plain": gpu_plain.plain_case,
+    handler = {"device": gpu_checks.device_peak, "frames": frames_case, "gpujpeg": gpu_jpeg_case,
+               "plain": gpu_plain.plain_case,
                "memory": gpu_checks.memory_case, "flops": gpu_checks.flops_case,
                "equivalence": gpu_checks.equivalence_case, "jpeg": gpu_checks.jpeg_case}[case.kind]
     outcome = handler(run, case)
-    return {"kind": case.kind, **(case.fields() if case.kind in ("frames", "plain") else {}), **outcome}
+    return {"kind": case.kind, **(case.fields() if case.kind in ("frames", "plain", "gpujpeg") else {}), **outcome}
 
 
 def stream_configs(case: Case) -> list[StreamConfig]:
@@ -234,6 +248,39 @@ def frames_case(run: Run, case: Case) -> dict[str, Any]:
     outcome["stages_ms"] = stages(run, loaded.proc, case)
     outcome["compile"] = loaded.proc.describe().get("compile")
     return outcome
+
+
+def gpu_jpeg_case(run: Run, case: Case) -> dict[str, Any]:
+    """Bytes -> nvJPEG decode -> the processor's own model calls -> nvJPEG encode -> bytes (a prototype)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+    from benchmarks.gpu_processors import summary, timed_median
+
+    if not run.cuda:
+        return {"note": "no CUDA device"}
+    proc = run.get(case.resources[0]).proc
+    configs = stream_configs(case)
+    schedule = proc.schedule(case.steps, steps_to_run(case.steps, case.strength))
+    counter = itertools.count()
+
+    def once() -> list[bytes]:
+        j = next(counter)
+        data = [torch.frombuffer(bytearray(run.frames[(j + k) % len(run.frames)]), dtype=torch.uint8)
+                for k in range(case.streams)]
+        with torch.inference_mode():
+            proc.prepare_steps(case.steps)
+            pixels = torch.stack(decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")).to(proc.dtype) / 255
+            latents = proc.encode(pixels)
+            noise = torch.cat([proc.noise(c.seed, tuple(latents.shape[1:])) for c in configs])
+            control = proc.control_image(pixels) if case.controlnet else None
+            x = proc.sample(latents, noise, schedule, proc.conditioning([c.prompt for c in configs]), control)
+            images = proc.vae_decode(x).permute(0, 3, 1, 2)
+            return [bytes(e.cpu().numpy()) for e in encode_jpeg([i.contiguous() for i in images], quality=85)]
+
+    assert all(out[:2] == b"\xff\xd8" for out in once())
+    count = min(run.args.frames, case.frames or run.args.frames)
+    return summary(timed_median(once, run.args.warmup, count, run.sync), case.streams)
 
 
 def stages(run: Run, proc: Any, case: Case) -> dict[str, float]:

@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="*", help="case name patterns to leave out")
     parser.add_argument("--quick", action="store_true", help="only the target cases, their baselines and checks")
     parser.add_argument("--force", action="store_true", help="re-run cases already in the results")
+    parser.add_argument("--rerun", nargs="*", default=[], help="re-run the cases these patterns match")
     parser.add_argument("--frames", type=int, default=40, help="timed Engine.run calls per case")
     parser.add_argument("--warmup", type=int, default=4, help="untimed calls before timing")
     parser.add_argument("--plain-frames", type=int, default=6, help="timed calls of each plain pipeline")
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = build_real_models(Path(args.models), device=args.device)
     os.environ["HF_HUB_OFFLINE"] = "1"
     run = Run(args, paths, make_frames(8, args.size), results)
-    todo = [c for c in cases if args.force or c.name not in results["cases"]]
+    todo = [c for c in cases if args.force or c.name not in results["cases"]
+            or any(fnmatch.fnmatch(c.name, p) for p in args.rerun)]
     progress(f"{len(todo)} of {len(cases)} cases to run ({len(cases) - len(todo)} already in {resume})")
     run.release_unneeded(todo)
     failures = 0

@@ -47,7 +47,7 @@ def floor_ms(case: dict[str, Any], results: dict[str, Any]) -> dict[str, float] 
 def plain_ms_per_frame(name: str, case: dict[str, Any], results: dict[str, Any]) -> float | None:
     """The plain pipeline's time for one frame of this case (streams: the same pipeline, frame after frame)."""
     cases = results.get("cases", {})
-    base = name.split("@")[0]
+    base = name.split("@")[0].split("+")[0]
     if base.startswith("streams/"):
         n, rest = base.split("/", 2)[1:]
         processor, what = rest.split("-", 1)
@@ -59,7 +59,7 @@ def plain_ms_per_frame(name: str, case: dict[str, Any], results: dict[str, Any])
 def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for name, case in results.get("cases", {}).items():
-        if case.get("kind") != "frames":
+        if case.get("kind") not in ("frames", "gpujpeg"):
             continue
         per_frame = case["median_ms"] / case["streams"]
         floor = floor_ms(case, results)
@@ -85,17 +85,19 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"GPU: {meta.get('gpu', '?')}; torch {meta.get('torch', '?')}; diffusers {meta.get('diffusers', '?')}; "
              f"{meta.get('date', '?')}", ""]
     table = {r["case"]: r for r in rows(results)}
-    lines += ["| target | case | measured | target | plain pipeline | × plain | floor | × floor | met |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| target | case | measured (Engine.run) | target | plain pipeline | × plain | floor | × floor | met | "
+              "with nvJPEG (prototype) |", "| --- |" + " --- |" * 9]
     for name, what, need, _ in TARGETS:
         r = table.get(name)
         if not r:
-            lines.append(f"| {what} | `{name}` | not measured | ≥ {need:g} fps | | | | | |")
+            lines.append(f"| {what} | `{name}` | not measured | ≥ {need:g} fps | | | | | | |")
             continue
         plain_fps = 1000 / r["plain_ms_per_frame"] if r["plain_ms_per_frame"] else None
+        gpu = table.get(f"{name}+gpujpeg") or table.get(f"{name.replace('/vae', '/taesd')}+gpujpeg")
+        gpu_text = f"{gpu['fps']:.1f} fps (`{gpu['case']}`)" if gpu else "—"
         lines.append(f"| {what} | `{name}` | {r['fps']:.1f} fps ({r['ms_per_call']:.1f} ms) | ≥ {need:g} fps | "
                      f"{_fmt(plain_fps)} fps | {_fmt(r['speedup_vs_plain'])}× | {_fmt(r['floor_ms_per_call'])} ms | "
-                     f"{_fmt(r['x_floor'])}× | {'yes' if r['fps'] >= need else '**no**'} |")
+                     f"{_fmt(r['x_floor'])}× | {'yes' if r['fps'] >= need else '**no**'} | {gpu_text} |")
     lines += ["", "| case | ms per Engine.run | frames/s | per stream | plain ms/frame | × plain | floor ms | "
               "× floor | peak GB | decode | upload | VAE enc | depth | steps | VAE dec | encode |",
               "| --- |" + " --- |" * 16]

@@ -6,8 +6,8 @@ Option `compile` (env DREAMSTREAM_COMPILE), read once per processor:
 | --- | --- | --- |
 | `off` | plain eager PyTorch: the reference path, and the default on CPU | none |
 | `graphs` | every model call replays a CUDA graph captured once per input shape (eager kernels) | seconds |
-| `regional` (`on`; CUDA default) | `graphs`, plus inductor on the repeated (transformer) blocks | ~1 min |
-| `full` | `graphs`, plus inductor on each whole function (ControlNet+UNet, VAE, depth) | minutes per shape |
+| `regional` (`on`; CUDA default) | `graphs`, plus inductor on repeated blocks and small calls (below) | ~2-3 min |
+| `full` | `graphs`, plus inductor on each whole call, ControlNet+UNet included: the fastest | ~1.5 min per shape |
 
 Why it is built this way:
 - Eager PyTorch at batch 1-8 is launch-bound (an SDXL UNet call is ~1,700 kernels): replaying a CUDA
@@ -18,11 +18,13 @@ Why it is built this way:
   its inputs in, replays, and returns a clone of the outputs, so a later replay can never overwrite a
   result someone still holds (the graphs of a processor share one memory pool).
 - These are our own graphs, not `torch.compile(mode="reduce-overhead")`'s: capture needs no inductor
-  at all (`graphs` mode), and with inductor we choose how much to compile. `regional` compiles only
-  the repeated transformer blocks: SDXL's 70 blocks come in 2 shapes, so a batch size costs 2 small
-  compiles instead of one whole-UNet compile of ~2 minutes, for the same fused attention/MLP kernels;
-  what stays eager (ResNet blocks, up/down sampling) is a few hundred kernels that the graph replays
-  without launch cost.
+  at all (`graphs` mode), and with inductor we choose how much to compile. `regional` compiles the
+  UNet's and ControlNet's repeated transformer blocks (SDXL's 70 blocks come in 2 shapes, so a batch
+  size costs 2 small compiles instead of a whole-UNet compile of ~1.5 minutes) and the small calls
+  (VAE encode/decode, depth: seconds each) whole; what stays eager (the UNet's ResNet blocks, up/down
+  sampling) is a few hundred kernels that the graph replays without launch cost. `full` also compiles
+  ControlNet+UNet whole: measured on an H100, the SDXL UNet step is ~17% faster than `regional`, at
+  ~1.5 min of start-up per batch shape (cached on disk for restarts).
 - Graphs need static shapes: `batches` pads a batch to the next of `batch_sizes` (option or env
   DREAMSTREAM_BATCH_SIZES, default 1,2,4,8) by repeating its last frame and splits bigger ones, so a
   fixed set of graphs serves any number of streams. The processor's `warmup()` captures (and compiles)
@@ -214,11 +216,15 @@ class Accelerator:
                     log.info("compile=regional: %d %s blocks of %s compiled on first use", len(blocks),
                              "/".join(REPEATED_BLOCKS), type(module).__name__)
 
-    def function(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """`fn` as this mode runs it: itself, compiled whole (`full`), and replayed from CUDA graphs."""
+    def function(self, name: str, fn: Callable[..., Any], has_blocks: bool = False) -> Callable[..., Any]:
+        """`fn` as this mode runs it: itself, compiled whole, and replayed from CUDA graphs.
+
+        `has_blocks`: `fn` runs models whose repeated blocks `optimize` compiles in `regional` mode, so
+        there it is not compiled whole (that is what `full` adds).
+        """
         if not self.enabled:
             return fn
-        if self.mode == "full":
+        if self.mode == "full" or (self.mode == "regional" and not has_blocks):
             fn = torch.compile(fn, fullgraph=True, dynamic=False)
         if self.uses_graphs:
             fn = CudaGraphed(fn, name, self._pool)

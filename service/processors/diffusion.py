@@ -150,7 +150,8 @@ class DiffusionProcessor(Processor):
         self._load_vae()
         self.accel.optimize(self.unet, self.vae)
         # The fast path plugs in here and nowhere else: these four model calls, as the mode runs them.
-        self.unet_with_control = self.accel.function("unet+controlnet", self.unet_with_control)  # type: ignore[method-assign]
+        self.unet_with_control = self.accel.function(  # type: ignore[method-assign]
+            "unet+controlnet", self.unet_with_control, has_blocks=True)
         self.vae_encode = self.accel.function("vae_encode", self.vae_encode)  # type: ignore[method-assign]
         self.vae_decode = self.accel.function("vae_decode", self.vae_decode)  # type: ignore[method-assign]
         self.estimate_depth = self.accel.function("depth", self.estimate_depth)  # type: ignore[method-assign]
