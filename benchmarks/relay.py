@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "python": platform.python_version(),
         "websockets": websockets.__version__,
-        "command": "python benchmarks/relay.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python benchmarks/relay.py", *(argv if argv is not None else sys.argv[1:])]),
         "frame_bytes_mean": int(statistics.mean(len(f) for f in frames)),
         "fps": FPS,
         "window_s": args.seconds,

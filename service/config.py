@@ -120,6 +120,7 @@ class Settings:
     processing_timeout_s: float = 30.0
     max_message_bytes: int = 16 * 1024 * 1024  # any WebSocket message; bigger ones close the socket (1009)
     max_pending_requests: int = 8  # POST /api/process calls waiting for the processor; more get 503
+    send_timeout_s: float = 20.0  # a viewer that takes no data for this long is dropped, freeing its seat
     jpeg_quality: int = 85
 
     @classmethod
@@ -141,6 +142,7 @@ class Settings:
             processing_timeout_s=_env_float("DREAMSTREAM_PROCESSING_TIMEOUT", 30.0),
             max_message_bytes=_env_int("DREAMSTREAM_MAX_MESSAGE_BYTES", 16 * 1024 * 1024),
             max_pending_requests=_env_int("DREAMSTREAM_MAX_PENDING_REQUESTS", 8),
+            send_timeout_s=_env_float("DREAMSTREAM_SEND_TIMEOUT", 20.0),
             processor=env.get("DREAMSTREAM_PROCESSOR", "auto"),
         )
         for key, value in overrides.items():

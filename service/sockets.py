@@ -137,7 +137,7 @@ async def viewer_socket(ws: WebSocket, stream_id: str) -> None:
         return await refuse(ws, "source must be styled or original; format must be json or binary")
     try:
         stream = ds.hub.open(stream_id)
-        conn = Connection(ws, source=source, binary=fmt == "binary")
+        conn = Connection(ws, source=source, binary=fmt == "binary", send_timeout=ds.settings.send_timeout_s)
         ds.hub.add_viewer(stream, conn)
     except HubFull as exc:
         return await refuse(ws, str(exc))

@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import simplejpeg
 import websockets
 
 from tests.helpers import gradient_jpeg, mean_rgb, running_server, solid_jpeg
@@ -34,6 +36,7 @@ from tests.hostile import (
     refused_with,
     rss_mb,
     send_until_closed,
+    stalled_viewer,
     webp_claiming,
 )
 
@@ -192,6 +195,7 @@ def limited(tmp_path_factory):
         "DREAMSTREAM_MAX_FRAME_BYTES": str(FRAME_LIMIT),
         "DREAMSTREAM_MAX_FRAME_SIDE": "1024",
         "DREAMSTREAM_MAX_MESSAGE_BYTES": str(1 << 20),
+        "DREAMSTREAM_SEND_TIMEOUT": "2",
     }
     with running_server(tmp_path_factory.mktemp("limited"), processor="identity", env=env) as srv:
         yield srv
@@ -214,6 +218,45 @@ def test_max_viewers_per_stream(limited):
             await v.close()
 
     run(main())
+
+
+def test_viewers_that_stop_reading_lose_their_seats(limited):
+    """Three viewers that never read fill the stream's three seats; once their buffers are full and
+    a send has waited DREAMSTREAM_SEND_TIMEOUT, they are dropped and a real viewer gets in."""
+    wait_idle(limited)
+    noisy = np.random.default_rng(3).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    frame = simplejpeg.encode_jpeg(noisy, quality=75, colorspace="RGB")
+    assert 100_000 < len(frame) < FRAME_LIMIT
+    stalled = [stalled_viewer(limited.port, "/ws/viewer/zombie?format=binary") for _ in range(3)]
+
+    async def main():
+        url = f"{limited.ws}/ws/viewer/zombie"
+        while (await asyncio.to_thread(httpx.get, f"{limited.http}/healthz")).json()["viewers"] < 3:
+            await asyncio.sleep(0.05)
+        assert "DREAMSTREAM_MAX_VIEWERS" in await refused_with(url)
+        async with websockets.connect(f"{limited.ws}/ws/broadcaster/zombie") as bc:
+            await recv_json(bc, "ready")
+            start = time.monotonic()
+            while time.monotonic() - start < 20:
+                for _ in range(5):
+                    await bc.send(frame)
+                    await asyncio.sleep(0.1)
+                try:
+                    async with websockets.connect(url) as viewer:
+                        status = await recv_json(viewer, "status")
+                        break
+                except websockets.ConnectionClosed:  # refused: the seats are still taken
+                    continue
+            else:
+                raise AssertionError("the stalled viewers kept their seats for 20 s")
+            assert status["state"] == "live" and status["viewers"] <= 3
+        assert "dropping a viewer that accepted nothing for 2 s" in limited.log()
+
+    try:
+        run(main())
+    finally:
+        for sock in stalled:
+            sock.close()
 
 
 def test_max_streams_counts_live_and_waiting_apart(limited):
