@@ -30,10 +30,6 @@ class HubFull(Exception):
     """Too many streams or viewers; the socket is refused with this message."""
 
 
-class SendTimeout(Exception):
-    """A viewer took no data for `send_timeout` seconds."""
-
-
 @dataclass
 class PendingFrame:
     data: bytes  # the encoded image as received; its header already checked
@@ -86,6 +82,9 @@ class Connection:
         self.closed = False
         self._close_with: tuple[int, str] | None = None
         self.finished = asyncio.Event()  # set when the pump has stopped
+        self.sending_since: float | None = None  # when the send in progress began (monotonic)
+        self._pump_task: asyncio.Task | None = None
+        self._expired = False
 
     def send_control(self, message: dict[str, Any]) -> None:
         self._control.append(json.dumps(message))
@@ -101,13 +100,9 @@ class Connection:
         return replaced
 
     async def pump(self) -> None:
-        """Send until the socket fails, `close` is called, `close_after_flush` has flushed, or one send
-        waits past `send_timeout`.
-
-        The deadline is for clients that stop reading but keep the connection: their TCP window stays
-        shut, so neither an error nor uvicorn's keepalive ping ever gets through, and without it they
-        would hold a viewer seat forever.
-        """
+        """Send until the socket fails, `close` is called, `close_after_flush` has flushed, or
+        `expire_if_stuck` finds one send waiting past `send_timeout`."""
+        self._pump_task = asyncio.current_task()
         try:
             while not self.closed:
                 await self._wake.wait()
@@ -120,34 +115,34 @@ class Connection:
                 if self._close_with is not None and not self._control and self._frame is None:
                     await self.ws.close(*self._close_with)
                     return
-        except SendTimeout:
+        except asyncio.CancelledError:
+            if not self._expired:
+                raise
             log.info("dropping a viewer that accepted nothing for %.0f s", self.send_timeout)
         finally:
             self.finished.set()
 
     async def _send(self, message: str | bytes) -> None:
-        """One send, cancelled past `send_timeout`. A timer, not asyncio.wait_for: that wraps every send
-        in a Task (11 us on Python 3.11, a third of the whole cost of one send to one viewer)."""
-        send = self.ws.send_bytes(message) if isinstance(message, bytes) else self.ws.send_text(message)
-        if self.send_timeout is None:
-            return await send
-        task = asyncio.current_task()
-        expired = False
+        self.sending_since = time.monotonic()
+        if isinstance(message, bytes):
+            await self.ws.send_bytes(message)
+        else:
+            await self.ws.send_text(message)
+        self.sending_since = None
 
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            task.cancel()
+    def expire_if_stuck(self, now: float) -> None:
+        """Stop the pump (and so drop the socket) when one send has waited past `send_timeout`.
 
-        timer = asyncio.get_running_loop().call_later(self.send_timeout, expire)
-        try:
-            await send
-        except asyncio.CancelledError:
-            if expired:
-                raise SendTimeout from None
-            raise
-        finally:
-            timer.cancel()
+        For clients that stop reading but keep the connection: their TCP window stays shut, so
+        neither an error nor uvicorn's keepalive ping gets through, and they would hold a viewer
+        seat forever. Checked from the stream's once-a-second tick rather than with a timer per
+        send, which cost a tenth of the fan-out's CPU (benchmarks/relay.py).
+        """
+        if self.send_timeout is None or self.sending_since is None or self._pump_task is None:
+            return
+        if now - self.sending_since > self.send_timeout and not self._expired:
+            self._expired = True
+            self._pump_task.cancel()
 
     def close(self) -> None:
         self.closed = True
@@ -187,6 +182,11 @@ class Stream:
 
     def status_message(self) -> dict[str, Any]:
         return protocol.status(self.state, len(self.viewers), self.config.to_dict())
+
+    def expire_stuck_viewers(self) -> None:
+        now = time.monotonic()
+        for viewer in list(self.viewers):
+            viewer.expire_if_stuck(now)
 
     def stats_message(self) -> dict[str, Any]:
         return protocol.stats(

@@ -74,9 +74,11 @@ async def broadcaster_socket(ws: WebSocket, stream_id: str) -> None:
 
 
 async def _send_stats(stream: Stream, conn: Connection) -> None:
+    """The stream's once-a-second tick, while it is live (the only time frames can pile up)."""
     while True:
         await asyncio.sleep(1.0)
         conn.send_control(stream.stats_message())
+        stream.expire_stuck_viewers()
 
 
 async def _receive_broadcasts(ds: DreamStream, stream: Stream, ws: WebSocket) -> None:
