@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 import websockets
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from websockets.sync.client import connect
@@ -61,6 +61,10 @@ def frame_verdict(data: bytes) -> str | None:
         return None
     if data in BOMBS:
         return "too_large"
+    if data.startswith(SIGNATURES):
+        # a good frame or bomb with a byte changed (broken_json mutates them): its header may now claim
+        # any size, so either verdict is right; the model can't tell without a second header parser
+        return "bad_frame|too_large"
     return "bad_frame"  # the strategies only make good frames, bombs, and junk
 
 
@@ -267,7 +271,7 @@ def fuzz_server(tmp_path_factory):
 def _reply(ws) -> str:
     """The next message that answers a request (stats arrive on their own, once a second)."""
     while True:
-        msg = json.loads(ws.recv(timeout=10))
+        msg = json.loads(ws.recv(timeout=30))  # generous: CI machines are shared
         if msg["type"] == "error":
             assert msg["message"] and len(msg["message"]) < 300, msg
             return f"error:{msg['code']}"
@@ -283,16 +287,22 @@ def test_10000_hostile_messages_get_their_errors_while_a_healthy_stream_keeps_30
         assert json.loads(ws.recv(timeout=5))["type"] == "ready"
         start = time.monotonic()
 
+        previous: list[str | bytes] = [b""]
+
+        # No shrinking: the messages share one socket, so replaying a failure out of order would
+        # blame the wrong message. The first failure is reported as it happened, with its predecessor.
         @settings(
             max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
-            suppress_health_check=list(HealthCheck),
+            suppress_health_check=list(HealthCheck), phases=[Phase.generate], report_multiple_bugs=False,
         )
         @given(messages)
         def one_message(payload: str | bytes) -> None:
             want = expected_reply(payload)
             ws.send(payload)
             got = "none" if want == "none" else _reply(ws)
-            assert got == want, f"{payload[:120]!r}: expected {want}, got {got}"
+            allowed = [want] if "|" not in want else ["error:" + code for code in want[6:].split("|")]
+            assert got in allowed, f"{payload[:120]!r} (after {previous[0][:120]!r}): expected {want}, got {got}"
+            previous[0] = payload
             seen[want] = seen.get(want, 0) + 1
 
         one_message()
