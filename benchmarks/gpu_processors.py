@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"[{i + 1}/{len(todo)}] {case.name}")
         try:
             outcome = gpu_cases.run_case(run, case)
-            outcome["elapsed_s"] = round(run.elapsed(), 1)
+            outcome.update(elapsed_s=round(run.elapsed(), 1), call=len(results["meta"]["calls"]))
             results["cases"][case.name] = outcome
             progress(f"    {gpu_cases.one_line(outcome)}")
         except Exception as exc:  # one broken case must not cost the rest of the run
