@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -262,10 +262,6 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu_report.report(results, Path(args.plot) if args.plot else Path(args.out).with_suffix(".png"))
     return 1 if failures else 0
-
-
-def copy_case(case: Case, **changes: Any) -> Case:
-    return replace(case, **changes)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def plain_ms_per_frame(name: str, case: dict[str, Any], results: dict[str, Any])
 def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for name, case in results.get("cases", {}).items():
-        if case.get("kind") not in ("frames", "gpujpeg"):
+        if case.get("kind") not in ("frames", "gpujpeg") or "median_ms" not in case:
             continue
         per_frame = case["median_ms"] / case["streams"]
         floor = floor_ms(case, results)

@@ -7,11 +7,12 @@ Option `compile` (env DREAMSTREAM_COMPILE), read once per processor:
 | `off` | plain eager PyTorch: the reference path, and the default on CPU | none |
 | `graphs` | every model call replays a CUDA graph captured once per input shape (eager kernels) | seconds |
 | `regional` (`on`; CUDA default) | `graphs`, plus inductor on repeated blocks and small calls (below) | ~2-3 min |
-| `full` | `graphs`, plus inductor on each whole call, ControlNet+UNet included: the fastest | ~1.5 min per shape |
+| `full` | `graphs`, plus inductor on each whole call, ControlNet+UNet included: the fastest | ~2 min per shape |
 
 Why it is built this way:
-- Eager PyTorch at batch 1-8 is launch-bound (an SDXL UNet call is ~1,700 kernels): replaying a CUDA
-  graph removes the CPU from the loop. The graphed functions are the model calls of one frame:
+- Eager PyTorch at batch 1-8 is launch-bound (on an H100 the SDXL UNet call takes 81 ms eagerly, 13 ms
+  when the same kernels replay from a CUDA graph): replaying a graph removes the CPU from the loop.
+  The graphed functions are the model calls of one frame:
   `unet_with_control` (ControlNet and UNet captured together, so the ControlNet's residuals never
   leave the graph), `vae_encode`, `vae_decode` and `estimate_depth`. Each keeps one graph per input
   signature (shapes and dtypes, ControlNet present or not) with static input buffers; every call copies
@@ -20,17 +21,19 @@ Why it is built this way:
 - These are our own graphs, not `torch.compile(mode="reduce-overhead")`'s: capture needs no inductor
   at all (`graphs` mode), and with inductor we choose how much to compile. `regional` compiles the
   UNet's and ControlNet's repeated transformer blocks (SDXL's 70 blocks come in 2 shapes, so a batch
-  size costs 2 small compiles instead of a whole-UNet compile of ~1.5 minutes) and the small calls
-  (VAE encode/decode, depth: seconds each) whole; what stays eager (the UNet's ResNet blocks, up/down
-  sampling) is a few hundred kernels that the graph replays without launch cost. `full` also compiles
-  ControlNet+UNet whole: measured on an H100, the SDXL UNet step is ~17% faster than `regional`, at
-  ~1.5 min of start-up per batch shape (cached on disk for restarts).
+  size costs 2 small compiles instead of a whole-UNet compile of ~2 minutes) and the small calls
+  whole (VAE encode/decode: seconds; depth: ~20 s per shape); what stays eager (the UNet's ResNet
+  blocks, up/down sampling) replays from the graph without launch cost. `full` also compiles
+  ControlNet+UNet whole: measured on an H100, the SDXL UNet step is ~16% faster than `regional`, at
+  ~2 min of start-up per batch shape (cached on disk for restarts). docs/sections/50-performance.md
+  has the figures.
 - Graphs need static shapes: `batches` pads a batch to the next of `batch_sizes` (option or env
   DREAMSTREAM_BATCH_SIZES, default 1,2,4,8) by repeating its last frame and splits bigger ones, so a
   fixed set of graphs serves any number of streams. The processor's `warmup()` captures (and compiles)
   every size at start-up, with progress in the log, so no viewer waits on a compile.
 - Inductor's compiled code is cached on disk (FX graph and Triton caches under TORCHINDUCTOR_CACHE_DIR,
-  default ~/.cache/dreamstream/inductor): a restart recompiles from the cache in a fraction of the time.
+  default ~/.cache/dreamstream/inductor), so a restart loads compiled code instead of generating it
+  again (the benchmark's figures are cold-cache start-ups; warm restarts were not measured).
 - Weights may change in place (the lightning processor copies another step count's checkpoint into
   the same parameters): the graphs read parameters by address, so they stay valid.
 """
