@@ -103,6 +103,14 @@ class LocalBackend(ProcessorBackend):
 
     async def process(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
         async with self._lock:
+            # A stream that switches to a processor not loaded yet waits for its load and warm-up
+            # (minutes of compiling on a GPU) outside the processing timeout; meanwhile its frames
+            # queue newest-wins in the hub. A failed load is remembered and reported per frame by run.
+            for processor_type in {job.config.processor_type for job in jobs} - self.engine.processors.keys():
+                try:
+                    await self._worker.submit(self.engine.processor, processor_type)
+                except Exception:
+                    pass
             future = self._worker.submit(self.engine.run, jobs)
             try:
                 return await asyncio.wait_for(future, self.timeout_s)

@@ -124,3 +124,31 @@ def test_a_remote_pool_gets_several_batches_in_flight():
         assert viewer._frame.jpeg == b"frame-39"
 
     asyncio.run(main())
+
+
+def test_loading_a_processor_is_not_held_to_the_processing_timeout():
+    """Switching a stream to a processor that takes longer to load (compile) than the timeout still works."""
+    import time as _time
+
+    from service.backends import LocalBackend
+    from service.engine import Engine, FrameJob
+    from tests.helpers import solid_jpeg
+
+    class SlowLoadingEngine(Engine):
+        loads = 0
+
+        def processor(self, processor_type):
+            if processor_type not in self.processors:
+                SlowLoadingEngine.loads += 1
+                _time.sleep(0.5)  # longer than the 0.2 s processing timeout below
+            return super().processor(processor_type)
+
+    async def main():
+        config = StreamConfig(processor_type="identity", num_steps=1)
+        backend = LocalBackend(SlowLoadingEngine(config), "identity", "test", timeout_s=0.2)
+        [result] = await backend.process([FrameJob("s", solid_jpeg((10, 200, 10)), config)])
+        assert isinstance(result, bytes), result
+        assert SlowLoadingEngine.loads == 1
+        await backend.close()
+
+    asyncio.run(main())
