@@ -17,24 +17,16 @@ def valid_stream_id(stream_id: str) -> bool:
     return bool(STREAM_ID_RE.match(stream_id))
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default: float, kind: type[int] | type[float]) -> Any:
+    """The env var `name` as an int or float (`kind`), or `default` when unset or empty."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError as exc:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{name} must be {what}, got {raw!r}") from exc
 
 
 def parse_stream_keys(raw: str) -> dict[str, str]:
@@ -133,16 +125,16 @@ class Settings:
             allowed_origins=[
                 o.strip() for o in env.get("DREAMSTREAM_ALLOWED_ORIGINS", "").split(",") if o.strip()
             ],
-            max_frame_bytes=_env_int("DREAMSTREAM_MAX_FRAME_BYTES", 4 * 1024 * 1024),
-            max_frame_side=_env_int("DREAMSTREAM_MAX_FRAME_SIDE", 4096),
-            max_fps=_env_float("DREAMSTREAM_MAX_FPS", 60.0),
-            max_viewers_per_stream=_env_int("DREAMSTREAM_MAX_VIEWERS", 1000),
-            max_streams=_env_int("DREAMSTREAM_MAX_STREAMS", 100),
-            max_batch=_env_int("DREAMSTREAM_MAX_BATCH", 8),
-            processing_timeout_s=_env_float("DREAMSTREAM_PROCESSING_TIMEOUT", 30.0),
-            max_message_bytes=_env_int("DREAMSTREAM_MAX_MESSAGE_BYTES", 16 * 1024 * 1024),
-            max_pending_requests=_env_int("DREAMSTREAM_MAX_PENDING_REQUESTS", 8),
-            send_timeout_s=_env_float("DREAMSTREAM_SEND_TIMEOUT", 20.0),
+            max_frame_bytes=_env_number("DREAMSTREAM_MAX_FRAME_BYTES", 4 * 1024 * 1024, int),
+            max_frame_side=_env_number("DREAMSTREAM_MAX_FRAME_SIDE", 4096, int),
+            max_fps=_env_number("DREAMSTREAM_MAX_FPS", 60.0, float),
+            max_viewers_per_stream=_env_number("DREAMSTREAM_MAX_VIEWERS", 1000, int),
+            max_streams=_env_number("DREAMSTREAM_MAX_STREAMS", 100, int),
+            max_batch=_env_number("DREAMSTREAM_MAX_BATCH", 8, int),
+            processing_timeout_s=_env_number("DREAMSTREAM_PROCESSING_TIMEOUT", 30.0, float),
+            max_message_bytes=_env_number("DREAMSTREAM_MAX_MESSAGE_BYTES", 16 * 1024 * 1024, int),
+            max_pending_requests=_env_number("DREAMSTREAM_MAX_PENDING_REQUESTS", 8, int),
+            send_timeout_s=_env_number("DREAMSTREAM_SEND_TIMEOUT", 20.0, float),
             processor=env.get("DREAMSTREAM_PROCESSOR", "auto"),
         )
         for key, value in overrides.items():
