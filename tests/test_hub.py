@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from service.config import StreamConfig
-from service.hub import Connection, StreamHub
+from service.hub import Connection, Stream, StreamHub
 from service.metrics import Metrics
 
 
@@ -17,12 +17,18 @@ def make_hub(**kwargs) -> StreamHub:
     return StreamHub(StreamConfig(processor_type="identity", num_steps=1), Metrics(), **kwargs)
 
 
+def watched_stream() -> tuple[StreamHub, Stream, Connection]:
+    """A hub with no fps limit, one stream and one viewer of it (call inside a running loop)."""
+    hub = make_hub(max_fps=0)
+    stream = hub.open("s")
+    viewer = Connection(FakeSocket())
+    hub.add_viewer(stream, viewer)
+    return hub, stream, viewer
+
+
 def test_frames_styled_with_an_old_config_are_never_shown():
     async def main():
-        hub = make_hub(max_fps=0)
-        stream = hub.open("s")
-        viewer = Connection(FakeSocket())
-        hub.add_viewer(stream, viewer)
+        hub, stream, viewer = watched_stream()
         hub.submit(stream, b"frame-1", 1.0)
         [job] = hub.take_batch(8)
         hub.set_config(stream, {"prompt": "new style"})  # arrives while frame 1 is being styled
@@ -77,10 +83,7 @@ def test_a_result_that_returns_after_a_newer_one_is_dropped():
     """With several rounds in flight (a remote GPU pool), results can return out of order."""
 
     async def main():
-        hub = make_hub(max_fps=0)
-        stream = hub.open("s")
-        viewer = Connection(FakeSocket())
-        hub.add_viewer(stream, viewer)
+        hub, stream, viewer = watched_stream()
         hub.submit(stream, b"frame-1", 1.0)
         [first] = hub.take_batch(8)
         hub.submit(stream, b"frame-2", 2.0)
@@ -99,10 +102,7 @@ def test_a_remote_pool_gets_several_batches_in_flight():
     from service.scheduler import Scheduler
 
     async def main():
-        hub = make_hub(max_fps=0)
-        stream = hub.open("s")
-        viewer = Connection(FakeSocket())
-        hub.add_viewer(stream, viewer)
+        hub, stream, viewer = watched_stream()
         concurrent = peak = 0
 
         async def remote(jobs):
