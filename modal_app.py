@@ -148,12 +148,12 @@ models = modal.Volume.from_name("dreamstream-models", create_if_missing=True)
 
 # What to fetch of each model: the configs and tokenizers of every part, and the weights of only the
 # parts the processors load (standard: SD 1.5's text encoder, UNet and VAE; lightning: SDXL's two text
-# encoders and VAE, as its UNet comes from the Lightning files). Default-precision safetensors only: the
-# processors load no fp16 variant, nor the repos' single-file checkpoints, .bin or ONNX copies. That
-# skips ~25 GB of the two base repos; a test loads both processors from exactly these files.
+# encoders, as its UNet comes from the Lightning files and its VAE from `vae_model`). Default-precision
+# safetensors only: the processors load no fp16 variant, nor the repos' single-file checkpoints, .bin or
+# ONNX copies. That skips ~25 GB of the two base repos; a test loads both processors from exactly these files.
 BASE_MODEL_WEIGHTS = {
     "standard": ("text_encoder", "unet", "vae"),
-    "lightning": ("text_encoder", "text_encoder_2", "vae"),
+    "lightning": ("text_encoder", "text_encoder_2"),
 }
 SKIP_FILES = ["*.fp16.*", "*non_ema*", "*.bin", "*.ckpt", "*.onnx*", "*openvino*", "*.msgpack", "*.h5"]
 
@@ -168,6 +168,8 @@ def download_patterns(processor: str, option: str, repo: str) -> list[str]:
         return ["model_index.json", "*/*.json", "*/*.txt", *weights]
     if option == "lightning_unet":
         return sorted(CHECKPOINTS.values())
+    if option == "vae_model":  # an AutoencoderKL at the root; not the single-file copies some VAE repos add
+        return ["*.json", "diffusion_pytorch_model.safetensors"]
     if option == "depth_model" and any(word in repo.lower() for word in ("annotators", "midas")):
         return [MIDAS_FILE]  # controlnet-aux's MiDaS: one checkpoint of a large repo
     return ["*.json", "*.txt", "*.safetensors"]
@@ -179,15 +181,17 @@ def download_plan(processors: list[str]) -> list[tuple[str, str, list[str]]]:
     The ids are the processors' own defaults (service.processors.models.DEFAULTS) unless a DREAMSTREAM_*
     model variable says otherwise, so what is downloaded is what the GPU containers will ask for.
     """
-    from service.processors.models import DEFAULTS, model_source
+    from service.processors.models import DEFAULTS, UNSET_BY_DEFAULT, model_source
 
     plan: dict[str, tuple[str, list[str]]] = {}
     for processor in processors:
         if processor not in DEFAULTS:
             raise ValueError(f"processors must be among {', '.join(DEFAULTS)}; got {processor!r}")
-        for option in DEFAULTS[processor]:
-            # the tiny VAE is off unless asked for, but it is a few MB: fetch it so it can be turned on
-            source = model_source(processor, option) or model_source(processor, option, True)
+        for option in (*DEFAULTS[processor], *UNSET_BY_DEFAULT.get(processor, ())):
+            source = model_source(processor, option)
+            if source is None and option == "tiny_vae":
+                # the tiny VAE is off unless asked for, but it is a few MB: fetch it so it can be turned on
+                source = model_source(processor, option, True)
             if source is None or source.looks_like_path:
                 continue  # a path in the container (e.g. a folder on the volume): not ours to fetch
             label, known = plan.get(source.value, ("", []))

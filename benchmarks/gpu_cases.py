@@ -171,7 +171,7 @@ class LoadedEngine:
 def model_options(paths: dict[str, Any], processor: str, vae: str) -> dict[str, Any]:
     if processor == "lightning":
         options = {"base_model": paths["sdxl"], "controlnet_model": paths["sdxl_controlnet"],
-                   "lightning_unet": paths["lightning"]}
+                   "lightning_unet": paths["lightning"], "vae_model": paths["sdxl_vae_fp16"]}
     else:
         options = {"base_model": paths["sd15"], "controlnet_model": paths["sd15_controlnet"]}
     options["depth_model"] = paths["depth"]

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from tests.tiny_models import LIGHTNING_FILES, _tokenizer, _write_tokenizer_files
 
-BUILD_VERSION = 2
-KEYS = ("sd15", "sd15_controlnet", "sdxl", "sdxl_controlnet", "lightning", "depth", "taesd", "taesdxl")
+BUILD_VERSION = 3
+KEYS = ("sd15", "sd15_controlnet", "sdxl", "sdxl_controlnet", "lightning", "depth", "taesd", "taesdxl",
+        "sdxl_vae_fp16")
 
 SD15_UNET = dict(cross_attention_dim=768, sample_size=64)
 SD_VAE = dict(
@@ -123,6 +124,12 @@ def build_real_models(root: Path, device: str = "cuda") -> dict[str, Path]:
                 os.link(first, paths["lightning"] / name)
         del pipe, unet, vae
         torch.cuda.empty_cache()
+
+        _log("SDXL VAE, fp16-safe (as madebyollin/sdxl-vae-fp16-fix: lightning's default vae_model)")
+        vae = AutoencoderKL(**{**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025}).to(dtype)
+        vae.register_to_config(force_upcast=False)
+        vae.save_pretrained(paths["sdxl_vae_fp16"])
+        del vae
 
         _log("Depth-Anything-V2-Small, TAESD, TAESDXL")
         _build_depth_small(paths["depth"])

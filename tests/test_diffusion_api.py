@@ -63,7 +63,8 @@ def test_options_alone_no_env_vars(tiny_models, monkeypatch):
     out = asyncio.run(apply_diffusion(
         img_data=jpeg(), processor_type="lightning", prompt="a watercolor", use_controlnet=True, strength=0.7,
         num_steps=4, base_model=str(tiny_models["sdxl"]), controlnet_model=str(tiny_models["sdxl_controlnet"]),
-        depth_model=str(tiny_models["depth"]), lightning_unet=str(tiny_models["lightning"]), **SIZE))
+        depth_model=str(tiny_models["depth"]), lightning_unet=str(tiny_models["lightning"]),
+        vae_model=str(tiny_models["sdxl_vae_fp16"]), **SIZE))
     assert decoded(out).shape == (64, 64, 3)
 
 

@@ -148,6 +148,96 @@ def test_options_win_over_env_vars_and_tiny_vae(tiny_env, tiny_models, monkeypat
     assert type(proc.vae).__name__ == "AutoencoderTiny"
 
 
+def vae_weights_of(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.torch import load_file
+
+    return {k: v.float().numpy() for k, v in load_file(str(folder / "diffusion_pytorch_model.safetensors")).items()}
+
+
+def assert_vae_is(proc, folder: Path) -> None:
+    """The processor's VAE holds the weights saved in `folder` (not another VAE of the same shape)."""
+    saved = vae_weights_of(folder)
+    loaded = proc.vae.state_dict()
+    assert set(saved) == set(loaded)
+    for name, value in saved.items():
+        assert np.allclose(loaded[name].float().numpy(), value, atol=1e-3), name
+
+
+def assert_real_frame(out: np.ndarray) -> None:
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    assert out.std() > 1 and len(np.unique(out)) > 16  # an image, not a constant or a NaN-black frame
+
+
+def test_lightning_vae_model_fp16_safe_runs_in_the_processors_dtype(tiny_env, tiny_models, caplog):
+    """A vae_model whose config does not say force_upcast runs in fp16; SDXL's own VAE (it says so) in fp32."""
+    caplog.set_level("INFO", logger="dreamstream.processors")
+    fix = Path(tiny_models["sdxl_vae_fp16"])
+    proc = create_processor("lightning", vae_model=str(fix), dtype="fp16", num_steps=2, use_controlnet=False,
+                            **SIZE)
+    info = proc.describe()
+    assert info["models"]["vae_model"] == str(fix) and info["dtype"] == info["vae_dtype"] == "float16"
+    assert type(proc.vae).__name__ == "AutoencoderKL" and proc.vae.dtype == proc.dtype
+    assert_vae_is(proc, fix)
+    assert f"vae: vae_model {fix} (option vae_model), AutoencoderKL in float16" in caplog.text
+    assert_real_frame(proc.process_batch([request(steps=2, controlnet=False)])[0])
+
+    stock = Path(tiny_models["sdxl"]) / "vae"  # the base model's own VAE, as a stand-alone folder
+    proc = create_processor("lightning", vae_model=str(stock), dtype="fp16", num_steps=2, use_controlnet=False,
+                            **SIZE)
+    assert proc.describe()["vae_dtype"] == "float32" and str(proc.vae.dtype) == "torch.float32"
+    assert "its config says force_upcast" in caplog.text
+    assert_vae_is(proc, stock)
+    assert_real_frame(proc.process_batch([request(steps=2, controlnet=False)])[0])
+
+
+def test_lightning_vae_model_from_env_and_option_wins(tiny_env, tiny_models, monkeypatch):
+    fix, stock = Path(tiny_models["sdxl_vae_fp16"]), Path(tiny_models["sdxl"]) / "vae"
+    assert tiny_env["DREAMSTREAM_LIGHTNING_VAE_MODEL"] == str(fix)  # every lightning test loads the fp16-fix stand-in
+    monkeypatch.setenv("DREAMSTREAM_LIGHTNING_VAE_MODEL", str(stock))
+    proc = create_processor("lightning", num_steps=2, use_controlnet=False, **SIZE)
+    assert proc.describe()["models"]["vae_model"] == str(stock)
+    assert_vae_is(proc, stock)
+    assert_real_frame(proc.process_batch([request(steps=2, controlnet=False)])[0])
+    proc = create_processor("lightning", vae_model=str(fix), num_steps=2, use_controlnet=False, **SIZE)
+    assert_vae_is(proc, fix)
+
+
+def test_lightning_default_vae_model_is_the_fp16_fix(tiny_env, monkeypatch):
+    from service.processors.models import model_source
+
+    monkeypatch.delenv("DREAMSTREAM_LIGHTNING_VAE_MODEL")
+    source = model_source("lightning", "vae_model")
+    assert (source.value, source.origin) == ("madebyollin/sdxl-vae-fp16-fix", "default")
+    assert model_source("standard", "vae_model") is None  # standard: the base model's own VAE
+    with pytest.raises(ModelUnavailableError, match="DREAMSTREAM_LIGHTNING_VAE_MODEL") as info:
+        create_processor("lightning", num_steps=2, use_controlnet=False, **SIZE)  # offline, not in the cache
+    assert "vae_model 'madebyollin/sdxl-vae-fp16-fix'" in str(info.value)
+
+
+def test_tiny_vae_replaces_vae_model_which_is_then_not_needed(tiny_env, tiny_models, monkeypatch):
+    monkeypatch.setenv("DREAMSTREAM_LIGHTNING_VAE_MODEL", "/nonexistent/vae")
+    proc = create_processor("lightning", tiny_vae=str(tiny_models["taesdxl"]), num_steps=2, use_controlnet=False,
+                            **SIZE)
+    assert type(proc.vae).__name__ == "AutoencoderTiny"
+    assert_real_frame(proc.process_batch([request(steps=2, controlnet=False)])[0])
+    monkeypatch.setenv("DREAMSTREAM_LIGHTNING_TINY_VAE", str(tiny_models["taesdxl"]))
+    proc = create_processor("lightning", vae_model="dreamstream-tests/no-such-vae", num_steps=2,
+                            use_controlnet=False, **SIZE)
+    assert type(proc.vae).__name__ == "AutoencoderTiny"
+
+
+def test_standard_vae_is_the_base_models_unless_vae_model_is_set(tiny_env, tiny_models, monkeypatch):
+    proc = create_processor("standard", num_steps=2, use_controlnet=False, **SIZE)
+    assert proc.describe()["models"]["vae_model"] is None
+    assert_vae_is(proc, Path(tiny_models["sd15"]) / "vae")
+    other = Path(tiny_models["sdxl_vae_fp16"])  # same latent layout as SD 1.5's: any such VAE fits
+    monkeypatch.setenv("DREAMSTREAM_STANDARD_VAE_MODEL", str(other))
+    proc = create_processor("standard", num_steps=2, use_controlnet=False, **SIZE)
+    assert proc.describe()["models"]["vae_model"] == str(other)
+    assert_vae_is(proc, other)
+    assert_real_frame(proc.process_batch([request(steps=2, controlnet=False)])[0])
+
+
 def test_single_lightning_file_serves_its_own_step_count(tiny_env, tiny_models):
     single = str(Path(tiny_models["lightning"]) / "sdxl_lightning_2step_unet.safetensors")
     proc = create_processor("lightning", lightning_unet=single, num_steps=2, use_controlnet=False, **SIZE)
@@ -174,6 +264,9 @@ def test_bad_options_name_themselves(tiny_env, bad, match):
     ("standard", "controlnet_model", "dreamstream-tests/no-such-controlnet", "DREAMSTREAM_STANDARD_CONTROLNET_MODEL"),
     ("lightning", "depth_model", "dreamstream-tests/no-such-depth", "DREAMSTREAM_DEPTH_MODEL"),
     ("lightning", "tiny_vae", True, "DREAMSTREAM_LIGHTNING_TINY_VAE"),
+    ("lightning", "vae_model", "/nonexistent/sdxl-vae-fp16-fix", "DREAMSTREAM_LIGHTNING_VAE_MODEL"),
+    ("lightning", "vae_model", "dreamstream-tests/no-such-vae", "DREAMSTREAM_LIGHTNING_VAE_MODEL"),
+    ("standard", "vae_model", "/nonexistent/sd-vae", "DREAMSTREAM_STANDARD_VAE_MODEL"),
 ])
 def test_missing_model_fails_fast_naming_option_and_env_var(tiny_env, kind, option, value, env):
     start = time.monotonic()

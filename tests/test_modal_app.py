@@ -228,6 +228,7 @@ def test_gpu_class_runs_both_diffusion_processors_from_the_downloaded_files(
         ("standard", "base_model"): "sd15", ("standard", "controlnet_model"): "sd15_controlnet",
         ("lightning", "base_model"): "sdxl", ("lightning", "controlnet_model"): "sdxl_controlnet",
         ("lightning", "lightning_unet"): "lightning", ("lightning", "depth_model"): "depth",
+        ("lightning", "vae_model"): "sdxl_vae_fp16",
     }
     from service.processors.models import env_var
 
@@ -236,6 +237,7 @@ def test_gpu_class_runs_both_diffusion_processors_from_the_downloaded_files(
         copy = downloaded_copy(tiny_models[key], tmp_path / processor / key, patterns)
         monkeypatch.setenv(env_var(processor, option), str(copy))
     assert not (tmp_path / "lightning" / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert not (tmp_path / "lightning" / "sdxl" / "vae" / "diffusion_pytorch_model.safetensors").exists()
     monkeypatch.setenv("DREAMSTREAM_PROCESSOR", "lightning")
     monkeypatch.setenv("DREAMSTREAM_WIDTH", "64")
     monkeypatch.setenv("DREAMSTREAM_HEIGHT", "64")

@@ -11,6 +11,7 @@
 | `lightning` | folder of the four `sdxl_lightning_*.safetensors` (`LIGHTNING_FILES`) | `lightning_unet` |
 | `depth` | transformers `DepthAnythingForDepthEstimation` + `DPTImageProcessor` | `depth_model` |
 | `taesd`, `taesdxl` | diffusers `AutoencoderTiny` | `tiny_vae` |
+| `sdxl_vae_fp16` | diffusers `AutoencoderKL`, `force_upcast=False` (as `sdxl-vae-fp16-fix`) | lightning `vae_model` |
 
 Every weight is random (seeded, so builds are reproducible): images come out as noise, but every
 tensor takes the path the real models take. The tokenizer is a hand-written byte-level BPE vocabulary
@@ -24,14 +25,15 @@ import json
 import sys
 from pathlib import Path
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 LIGHTNING_FILES = {
     1: "sdxl_lightning_1step_unet_x0.safetensors",
     2: "sdxl_lightning_2step_unet.safetensors",
     4: "sdxl_lightning_4step_unet.safetensors",
     8: "sdxl_lightning_8step_unet.safetensors",
 }
-_KEYS = ("sd15", "sd15_controlnet", "sdxl", "sdxl_controlnet", "lightning", "depth", "taesd", "taesdxl")
+_KEYS = ("sd15", "sd15_controlnet", "sdxl", "sdxl_controlnet", "lightning", "depth", "taesd", "taesdxl",
+         "sdxl_vae_fp16")
 
 
 def build_tiny_models(root: Path) -> dict[str, Path]:
@@ -52,6 +54,7 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
     _build_depth(paths["depth"])
     for key in ("taesd", "taesdxl"):
         _tiny_autoencoder().save_pretrained(paths[key])
+    _build_sdxl_vae_fp16(paths["sdxl_vae_fp16"])
     manifest.write_text(json.dumps({"version": BUILD_VERSION, "paths": {k: str(v) for k, v in paths.items()}}))
     return paths
 
@@ -62,6 +65,7 @@ def model_env(paths: dict[str, Path], controlnet: bool = True) -> dict[str, str]
         "DREAMSTREAM_STANDARD_BASE_MODEL": str(paths["sd15"]),
         "DREAMSTREAM_LIGHTNING_BASE_MODEL": str(paths["sdxl"]),
         "DREAMSTREAM_LIGHTNING_UNET": str(paths["lightning"]),
+        "DREAMSTREAM_LIGHTNING_VAE_MODEL": str(paths["sdxl_vae_fp16"]),
         "DREAMSTREAM_DEPTH_MODEL": str(paths["depth"]),
         "HF_HUB_OFFLINE": "1",
     }
@@ -221,6 +225,17 @@ def _build_sdxl(folder: Path, controlnet_folder: Path, lightning_folder: Path, t
         torch.manual_seed(100 + steps)
         state = {k: v.contiguous() for k, v in _sdxl_unet().state_dict().items()}
         save_file(state, str(lightning_folder / name))
+
+
+def _build_sdxl_vae_fp16(folder: Path) -> None:
+    """A stand-alone VAE in the layout of `madebyollin/sdxl-vae-fp16-fix` (config.json + weights at the root),
+    whose config, like that one's, does not ask for force_upcast."""
+    import torch
+
+    torch.manual_seed(7)  # its own weights: a frame decoded by it differs from one decoded by sdxl's VAE
+    vae = _vae()
+    vae.register_to_config(force_upcast=False)
+    vae.save_pretrained(folder)
 
 
 def _build_depth(folder: Path) -> None:

@@ -43,7 +43,7 @@ from service.processors.models import ModelSource, load_model, model_source, res
 log = logging.getLogger("dreamstream.processors")
 
 V = TypeVar("V")
-MODEL_OPTIONS = ("base_model", "controlnet_model", "depth_model", "tiny_vae")
+MODEL_OPTIONS = ("base_model", "controlnet_model", "depth_model", "tiny_vae", "vae_model")
 COMMON_OPTIONS = MODEL_OPTIONS + ("device", "dtype", "width", "height", "controlnet_scale", "compile", "batch_sizes")
 
 
@@ -179,17 +179,39 @@ class DiffusionProcessor(Processor):
         return part
 
     def _load_vae(self) -> None:
+        """`tiny_vae` when set (`vae_model` is then not loaded), else `vae_model`, else base_model's own VAE.
+
+        A full VAE whose config says `force_upcast` runs in fp32 where the processor runs in fp16 and
+        `upcast_vae` is set (the stock SDXL VAE overflows in fp16); any other VAE in the processor's dtype.
+        """
         from diffusers import AutoencoderKL, AutoencoderTiny
 
-        if self.sources["tiny_vae"] is not None:
+        from service.processors.models import DEFAULTS
+
+        tiny, full = self.sources["tiny_vae"], self.sources.get("vae_model")
+        if tiny is not None:
             vae = self.load_component("tiny_vae", AutoencoderTiny, dtype_kw="torch_dtype", dtype=torch.float32)
+            which = f"tiny_vae {tiny.describe()}" + (f"; vae_model {full.value} not loaded" if full else "")
+        elif full is not None:
+            vae = self.load_component("vae_model", AutoencoderKL, dtype_kw="torch_dtype", dtype=torch.float32)
+            which = f"vae_model {full.describe()}"
         else:
             vae = self.load_component("base_model", AutoencoderKL, "vae", "torch_dtype", dtype=torch.float32)
-        upcast = self.upcast_vae and self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+            base = self.sources["base_model"]
+            which = f"the base model's own VAE ({base.value if base else '?'}, subfolder vae)"
+        says_upcast = bool(getattr(vae.config, "force_upcast", False))
+        upcast = self.upcast_vae and self.dtype == torch.float16 and says_upcast
         if upcast:
-            log.info("vae: kept in fp32 because its config says force_upcast (fp16 SDXL VAEs overflow); "
-                     "tiny_vae=True is the fast alternative")
+            fix = DEFAULTS.get(self.name, {}).get("vae_model", "an fp16-safe VAE")
+            why = (f"its config says force_upcast (fp16 SDXL VAEs overflow); vae_model={fix} or tiny_vae=True "
+                   "run in fp16")
+        elif self.upcast_vae and self.dtype == torch.float16 and tiny is None:
+            why = "the processor's dtype; its config does not say force_upcast"
+        else:
+            why = "the processor's dtype"
         self.vae_dtype = torch.float32 if upcast else self.dtype
+        log.info("vae: %s, %s in %s: %s", which, type(vae).__name__,
+                 str(self.vae_dtype).removeprefix("torch."), why)
         self.vae = cast(vae, self.vae_dtype)
         self.latent_scale = float(vae.config.scaling_factor)
         self.latent_shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
@@ -395,6 +417,7 @@ class DiffusionProcessor(Processor):
             "processor": self.name,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "vae_dtype": str(self.vae_dtype).removeprefix("torch."),
             "width": self.width,
             "height": self.height,
             "num_steps": self.num_steps,

@@ -1,7 +1,9 @@
 """`lightning`: SDXL with the SDXL-Lightning distilled UNet, 1, 2, 4 or 8 steps, no guidance.
 
-Everything but the UNet comes from `base_model` (SDXL base: two text encoders, VAE, scheduler
+Everything but the UNet and the VAE comes from `base_model` (SDXL base: two text encoders, scheduler
 config; only the UNet's *config* is read from it, so its 10 GB of UNet weights are never fetched).
+The VAE is `vae_model`, by default `madebyollin/sdxl-vae-fp16-fix`: SDXL's own VAE says `force_upcast`
+and would run in fp32; this one runs in fp16 (`tiny_vae`, when set, replaces either).
 The UNet weights come from `lightning_unet`, one ByteDance checkpoint per step count:
 `sdxl_lightning_{2,4,8}step_unet.safetensors`, and for 1 step `sdxl_lightning_1step_unet_x0.safetensors`,
 which predicts the clean latents (`prediction_type="sample"`) instead of the noise.

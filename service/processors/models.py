@@ -36,8 +36,13 @@ DEFAULTS: dict[str, dict[str, str]] = {
         "depth_model": DEFAULT_DEPTH_MODEL,
         "lightning_unet": "ByteDance/SDXL-Lightning",
         "tiny_vae": "madebyollin/taesdxl",
+        # SDXL's own VAE says force_upcast and runs in fp32 (slower, twice the memory); this one runs in fp16.
+        "vae_model": "madebyollin/sdxl-vae-fp16-fix",
     },
 }
+# Model options a processor takes that have no default model: unset unless given. Standard's `vae_model`
+# unset means the base model's own VAE (its `vae` subfolder).
+UNSET_BY_DEFAULT: dict[str, tuple[str, ...]] = {"standard": ("vae_model",), "lightning": ()}
 _SHARED_ENV = {"depth_model": "DREAMSTREAM_DEPTH_MODEL", "lightning_unet": "DREAMSTREAM_LIGHTNING_UNET"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off", "none"}
@@ -96,7 +101,8 @@ def model_source(processor: str, option: str, value: Any = None) -> ModelSource 
     """Resolve an option: the keyword wins, then the env var, then the processor's default.
 
     `tiny_vae` is off unless asked for: `True` (or "1"/"true" in the env var) means the default tiny
-    VAE, a string means that hub id or path. Returns None for an option that is off.
+    VAE, a string means that hub id or path. An option in UNSET_BY_DEFAULT (standard's `vae_model`) is
+    unset unless given. Returns None for an option that is off or unset.
     """
     origin = "option"
     if value is None:
@@ -109,6 +115,8 @@ def model_source(processor: str, option: str, value: Any = None) -> ModelSource 
         if value is True or text in _TRUE:
             value = DEFAULTS[processor]["tiny_vae"]
     if value is None:
+        if option in UNSET_BY_DEFAULT.get(processor, ()):
+            return None
         value = DEFAULTS[processor][option]
     if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
         raise ValueError(f"{option} must be a hub id or a local path, got {value!r}")
