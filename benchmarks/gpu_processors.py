@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny models at 64 px: a smoke test of this script")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--server", metavar="ARGS", help="then benchmarks/gpu_server.py with these arguments (one "
+                        "string, e.g. \"--configs defaults --streams 1,8\"; '' for its defaults)")
     args = parser.parse_args(argv)
     args.size = 64 if args.tiny else 512
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
@@ -261,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import gpu_report
 
     gpu_report.report(results, Path(args.plot) if args.plot else Path(args.out).with_suffix(".png"))
+    if args.server is not None:  # the real server next, with this run's engines released from the GPU
+        import shlex
+
+        from benchmarks import gpu_server
+
+        run.release_unneeded([])
+        forwarded = ["--models", args.models, "--device", args.device, *(["--tiny"] if args.tiny else [])]
+        failures += gpu_server.main([*forwarded, *shlex.split(args.server)])
     return 1 if failures else 0
 
 
