@@ -61,7 +61,7 @@ class DreamStream:
             )
             backend = LocalBackend(engine, processor, reason, settings.processing_timeout_s)
         self.backend = backend
-        self.scheduler = Scheduler(self.hub, backend, settings.max_batch)
+        self.scheduler = Scheduler(self.hub, backend, settings.max_batch, settings.batch_wait_s)
         self.ready = False
         self.closing = False  # set by `drain`: new sockets are refused with 1001
         self.pending_requests = 0  # POST /api/process calls in progress
@@ -117,6 +117,7 @@ class DreamStream:
             "reason": self.backend.reason,
             "streams": len(self.hub.streams),
             "viewers": self.hub.viewer_count(),
+            **({"optimise": optimise} if (optimise := self.backend.optimise_progress()) else {}),
             **({"error": self.load_error} if self.load_error else {}),
         }
 

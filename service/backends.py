@@ -39,6 +39,10 @@ class ProcessorBackend(ABC):
     def describe(self) -> dict[str, Any]:
         return {"processor": self.processor, "device": self.device, "reason": self.reason}
 
+    def optimise_progress(self) -> dict[str, Any] | None:
+        """The default processor's background optimisation (compile=full), if it has one: for /healthz."""
+        return None
+
 
 class _Worker:
     """One daemon thread that runs calls in order.
@@ -121,6 +125,11 @@ class LocalBackend(ProcessorBackend):
                 self._worker = _Worker()
                 error = TimeoutError(f"processing took longer than {self.timeout_s:g} s")
                 return [error] * len(jobs)
+
+    def optimise_progress(self) -> dict[str, Any] | None:
+        proc = self.engine.processors.get(self.processor)
+        progress = proc.optimise_progress() if proc is not None else None
+        return progress if progress and progress.get("state") != "off" else None
 
     async def close(self) -> None:
         self._worker.stop()

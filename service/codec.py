@@ -40,6 +40,8 @@ class FrameInfo:
     format: str  # jpeg | png | webp
     width: int
     height: int
+    # baseline/extended 8-bit 3-component JPEG: what nvJPEG's batched decoder takes (not progressive, CMYK)
+    gpu_decodable: bool = False
 
 
 def split_base64(text: str) -> tuple[bytes, bool]:
@@ -86,8 +88,9 @@ def probe(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_side: int = DEFAU
         raise FrameError("too_large", f"frame is {len(data)} bytes; the limit is {max_bytes}")
     if not data:
         raise FrameError("bad_frame", "frame is empty")
+    gpu_decodable = False
     if data[:3] == b"\xff\xd8\xff":
-        fmt, (width, height) = "jpeg", _jpeg_size(data)
+        fmt, (width, height, gpu_decodable) = "jpeg", _jpeg_size(data)
     elif data[:8] == _PNG_SIGNATURE:
         fmt, (width, height) = "png", _png_size(data)
     elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
@@ -98,16 +101,17 @@ def probe(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_side: int = DEFAU
         raise FrameError("too_large", f"frame is {width}x{height}; the limit is {max_side} px a side")
     if width < 1 or height < 1:
         raise FrameError("bad_frame", "frame has no pixels")
-    return FrameInfo(fmt, width, height)
+    return FrameInfo(fmt, width, height, gpu_decodable)
 
 
 def _bad(message: str) -> FrameError:
     return FrameError("bad_frame", message)
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the SOF marker, walking at most MAX_JPEG_SEGMENTS markers to the first scan."""
-    pos, size, end = 2, None, len(data)
+def _jpeg_size(data: bytes) -> tuple[int, int, bool]:
+    """(width, height, gpu_decodable) from the SOF marker, walking at most MAX_JPEG_SEGMENTS markers to the
+    first scan. gpu_decodable: baseline or extended sequential (SOF0/SOF1), 8-bit, 3 components (YCbCr)."""
+    pos, size, end, simple = 2, None, len(data), False
     for _ in range(MAX_JPEG_SEGMENTS):
         if pos >= end or data[pos] != 0xFF:
             raise _bad("JPEG header is truncated or corrupt")
@@ -126,12 +130,13 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
             if pos + 7 > end:
                 raise _bad("JPEG frame header is truncated")
             size = int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 3:pos + 5], "big")
+            simple = marker in (0xC0, 0xC1) and data[pos + 2] == 8 and pos + 7 < end and data[pos + 7] == 3
         elif marker == 0xDA:  # start of scan: the header is over
             if size is None:
                 raise _bad("JPEG has no frame header before its image data")
             if data.count(b"\xff\xda") > MAX_JPEG_SCANS:  # 0xFF is byte-stuffed inside scans: a fast exact count
                 raise _bad(f"JPEG has more than {MAX_JPEG_SCANS} scans")
-            return size
+            return (*size, simple)
         pos += length
     raise _bad(f"JPEG has more than {MAX_JPEG_SEGMENTS} header segments")
 

@@ -109,6 +109,7 @@ class Settings:
     max_viewers_per_stream: int = 1000
     max_streams: int = 100
     max_batch: int = 8
+    batch_wait_s: float = 0.015  # the longest a batch waits for streams about to send (see scheduler.py)
     processing_timeout_s: float = 30.0
     max_message_bytes: int = 16 * 1024 * 1024  # any WebSocket message; bigger ones close the socket (1009)
     max_pending_requests: int = 8  # POST /api/process calls waiting for the processor; more get 503
@@ -131,6 +132,7 @@ class Settings:
             max_viewers_per_stream=_env_number("DREAMSTREAM_MAX_VIEWERS", 1000, int),
             max_streams=_env_number("DREAMSTREAM_MAX_STREAMS", 100, int),
             max_batch=_env_number("DREAMSTREAM_MAX_BATCH", 8, int),
+            batch_wait_s=_env_number("DREAMSTREAM_BATCH_WAIT_MS", 15.0, float) / 1000,
             processing_timeout_s=_env_number("DREAMSTREAM_PROCESSING_TIMEOUT", 30.0, float),
             max_message_bytes=_env_number("DREAMSTREAM_MAX_MESSAGE_BYTES", 16 * 1024 * 1024, int),
             max_pending_requests=_env_number("DREAMSTREAM_MAX_PENDING_REQUESTS", 8, int),

@@ -39,6 +39,15 @@ class ProcessorLoadError(RuntimeError):
     pass
 
 
+@dataclass
+class Prepared:
+    """A batch between `Engine.prepare` (host thread) and `Engine.run_prepared` (worker thread)."""
+
+    jobs: list[FrameJob]
+    images: list[Any]  # RGB uint8 (H, W, 3): numpy from the CPU decoder, None where the GPU decodes
+    results: list[bytes | Exception | None]  # a frame error from prepare, then the outcome
+
+
 class Engine:
     def __init__(
         self,
@@ -84,22 +93,66 @@ class Engine:
 
     def run(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
         """Style every job; a job's failure is returned in its place, never raised."""
-        results: list[bytes | Exception | None] = [None] * len(jobs)
-        groups: dict[str, list[tuple[int, FrameRequest]]] = defaultdict(list)
+        return self.run_prepared(self.prepare(jobs))
+
+    def prepare(self, jobs: list[FrameJob]) -> Prepared:
+        """The host half of decoding, safe to run on another thread while the worker runs the previous batch:
+        CPU-decodes every frame, except JPEGs for a processor that decodes on its GPU (nvJPEG), which stay bytes."""
+        prepared = Prepared(jobs, [None] * len(jobs), [None] * len(jobs))
         for i, job in enumerate(jobs):
             try:
-                image = codec.decode(job.data, self.max_frame_bytes, self.max_frame_side)
+                info = codec.probe(job.data, self.max_frame_bytes, self.max_frame_side)
+                proc = self.processors.get(job.config.processor_type)
+                if info.gpu_decodable and proc is not None and proc.gpu_jpeg:
+                    continue  # decoded on the GPU, batched, in run_prepared
+                prepared.images[i] = codec.decode(job.data, self.max_frame_bytes, self.max_frame_side)
             except codec.FrameError as exc:
-                results[i] = exc
+                prepared.results[i] = exc
+        return prepared
+
+    def run_prepared(self, prepared: Prepared) -> list[bytes | Exception]:
+        """The processor half (the worker thread's): GPU decode where `prepare` left bytes, style, encode."""
+        results = prepared.results
+        groups: dict[str, list[tuple[int, FrameRequest]]] = defaultdict(list)
+        on_gpu = [i for i, job in enumerate(prepared.jobs) if results[i] is None and prepared.images[i] is None]
+        self._gpu_decode(prepared, on_gpu)
+        for i, job in enumerate(prepared.jobs):
+            if results[i] is not None:
                 continue
             cfg = job.config
             groups[cfg.processor_type].append(
-                (i, FrameRequest(image, cfg.prompt, cfg.strength, cfg.num_steps, cfg.seed, cfg.use_controlnet))
+                (i, FrameRequest(prepared.images[i], cfg.prompt, cfg.strength, cfg.num_steps, cfg.seed,
+                                 cfg.use_controlnet))
             )
         for processor_type, items in groups.items():
             for i, result in self._run_group(processor_type, items):
                 results[i] = result
         return [r if r is not None else RuntimeError("frame was not processed") for r in results]
+
+    def _gpu_decode(self, prepared: Prepared, indices: list[int]) -> None:
+        """nvJPEG for the frames `prepare` left encoded, one batched call per device; the CPU decoder for any
+        frame of a batch nvJPEG refuses (it is the reference path)."""
+        if not indices:
+            return
+        from service.processors import gpu_jpeg  # imports torch: only reached when a processor runs on CUDA
+
+        by_device: dict[str, list[int]] = defaultdict(list)
+        for i in indices:
+            by_device[self.processors[prepared.jobs[i].config.processor_type].device].append(i)
+        for device, members in by_device.items():
+            try:
+                images = gpu_jpeg.decode([prepared.jobs[i].data for i in members], device)
+            except Exception as exc:
+                log.warning("nvJPEG could not decode a batch of %d (%s); decoding it on the CPU", len(members), exc)
+                images = [None] * len(members)
+            for i, image in zip(members, images, strict=True):
+                if image is None:
+                    try:
+                        image = codec.decode(prepared.jobs[i].data, self.max_frame_bytes, self.max_frame_side)
+                    except codec.FrameError as exc:
+                        prepared.results[i] = exc
+                        continue
+                prepared.images[i] = image
 
     def _run_group(
         self, processor_type: str, items: list[tuple[int, FrameRequest]]
@@ -107,11 +160,15 @@ class Engine:
         """One processor call for the group; if it fails, one call per frame, so only the frames that
         really fail (one stream's, or a batch too big for the GPU) get `processing_failed`."""
         try:
-            outputs = self.processor(processor_type).process_batch([req for _, req in items])
-            return [
-                (i, codec.encode_jpeg(np.asarray(out), self.jpeg_quality))
-                for (i, _), out in zip(items, outputs, strict=True)
-            ]
+            proc = self.processor(processor_type)
+            requests = [req for _, req in items]
+            if proc.gpu_jpeg:
+                from service.processors import gpu_jpeg
+
+                jpegs = gpu_jpeg.encode(proc.process_batch_on_device(requests), self.jpeg_quality)
+            else:
+                jpegs = [codec.encode_jpeg(np.asarray(out), self.jpeg_quality) for out in proc.process_batch(requests)]
+            return [(i, jpeg) for (i, _), jpeg in zip(items, jpegs, strict=True)]
         except Exception as exc:  # a processor failure fails its frames, not the server
             if isinstance(exc, ProcessorLoadError):
                 return [(i, exc) for i, _ in items]

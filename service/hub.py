@@ -173,6 +173,7 @@ class Stream:
         self.tokens_at = 0.0
         self.in_meter = RateMeter()
         self.out_meter = RateMeter()
+        self.last_submit = 0.0  # monotonic time of the last frame in: the scheduler waits for streams about to send
 
     @property
     def state(self) -> str:
@@ -218,6 +219,12 @@ class Job:
     version: int
 
 
+def batch_key(config: StreamConfig) -> tuple[str, int, bool]:
+    """Frames batch together when they share this: a lightning batch of mixed step counts would swap the
+    UNet's weights between its parts, and ControlNet on/off are separate model calls anyway."""
+    return config.processor_type, config.num_steps, config.use_controlnet
+
+
 class StreamHub:
     def __init__(
         self,
@@ -236,6 +243,7 @@ class StreamHub:
         self.streams: dict[str, Stream] = {}
         self._ready: OrderedDict[str, None] = OrderedDict()  # streams with a pending frame, oldest first
         self._has_work = asyncio.Event()
+        self._submitted = asyncio.Event()  # set on every frame in: wakes a scheduler filling a batch
 
     # ---- streams, broadcasters, viewers ----------------------------------------------------
 
@@ -329,6 +337,7 @@ class StreamHub:
         """Make `data` the stream's newest frame. False when over the fps limit (dropped, counted)."""
         now = time.monotonic()
         stream.frames_in += 1
+        stream.last_submit = now
         stream.in_meter.tick(now)
         self.metrics.frames_in.labels(stream.id).inc()
         if self.max_fps > 0:
@@ -343,6 +352,7 @@ class StreamHub:
         stream.pending = PendingFrame(data, ts if ts is not None else protocol.now_ms(), now, stream.frames_in)
         self._ready[stream.id] = None
         self._has_work.set()
+        self._submitted.set()
         return True
 
     def _drop(self, stream: Stream, reason: str) -> None:
@@ -352,14 +362,39 @@ class StreamHub:
     async def wait_for_work(self) -> None:
         await self._has_work.wait()
 
+    async def wait_for_submit(self, timeout: float) -> None:
+        """Until the next frame arrives from any stream, or `timeout` seconds."""
+        self._submitted.clear()
+        try:
+            await asyncio.wait_for(self._submitted.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def ready_count(self) -> int:
+        return len(self._ready)
+
+    def sending(self, now: float, within_s: float) -> set[str]:
+        """Live streams that sent a frame in the last `within_s` seconds: the ones likely to send again soon."""
+        return {s.id for s in self.streams.values() if s.broadcaster is not None and now - s.last_submit < within_s}
+
     def take_batch(self, max_frames: int) -> list[Job]:
-        """The newest frame of up to `max_frames` streams, longest-waiting streams first."""
+        """The newest frame of up to `max_frames` streams that run alike (`batch_key`: same processor, step
+        count and ControlNet setting, so no batch swaps UNet weights), longest-waiting stream first; the
+        others stay ready for the next batch, in their order."""
         jobs: list[Job] = []
-        while self._ready and len(jobs) < max_frames:
-            stream_id, _ = self._ready.popitem(last=False)
+        key = None
+        for stream_id in list(self._ready):
+            if len(jobs) >= max_frames:
+                break
             stream = self.streams.get(stream_id)
             if stream is None or stream.pending is None:
+                del self._ready[stream_id]
                 continue
+            if key is None:
+                key = batch_key(stream.config)
+            elif batch_key(stream.config) != key:
+                continue
+            del self._ready[stream_id]
             jobs.append(Job(stream, stream.pending, stream.config, stream.config_version))
             stream.pending = None
         if not self._ready:

@@ -5,12 +5,19 @@ A local backend takes one batch at a time (its one worker owns the processor). A
 `max_in_flight` batches at once, so a stream's frame rate is not capped by one round trip per frame;
 results that come back after a newer frame of the same stream are dropped by the hub, so viewers never
 see a stream go back in time.
+
+Filling a batch: when the processor frees up and fewer streams are ready than are sending (streams whose
+styled frame just went out and whose next frame is on its way), the scheduler waits a little for them
+rather than running a small batch and making the late ones wait a whole batch. The wait ends as soon as
+every sending stream is ready, and is bounded by `batch_wait_s` (DREAMSTREAM_BATCH_WAIT_MS, default 15 ms)
+and a quarter of the last batch's time; a lone stream, or all streams ready, never waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from service import protocol
 from service.backends import ProcessorBackend
@@ -22,11 +29,17 @@ log = logging.getLogger("dreamstream.scheduler")
 
 
 class Scheduler:
-    def __init__(self, hub: StreamHub, backend: ProcessorBackend, max_batch: int = 8) -> None:
+    SENDING_WINDOW_S = 1.0  # a stream that sent within this long is expected to send again
+
+    def __init__(self, hub: StreamHub, backend: ProcessorBackend, max_batch: int = 8,
+                 batch_wait_s: float = 0.015) -> None:
         self.hub = hub
         self.backend = backend
         self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
         self.max_in_flight = max(1, backend.max_in_flight)
+        self.batch_seconds = 0.0  # the last batch's processing time
+        self.streams_in_flight: dict[str, int] = {}  # stream id -> its frames in the rounds in flight
         self.rounds: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -56,6 +69,7 @@ class Scheduler:
         while not self._stopping:
             await self.hub.wait_for_work()
             await slots.acquire()
+            await self.fill()
             jobs = self.hub.take_batch(self.max_batch)
             if not jobs:
                 slots.release()
@@ -64,15 +78,31 @@ class Scheduler:
             self.rounds.add(task)
             task.add_done_callback(self.rounds.discard)
 
+    async def fill(self) -> None:
+        """Wait (bounded, see the module docstring) for the streams that are about to send."""
+        limit = min(self.batch_wait_s, self.batch_seconds / 4)
+        deadline = time.monotonic() + limit
+        while True:
+            now = time.monotonic()
+            expected = len(self.hub.sending(now, self.SENDING_WINDOW_S) - self.streams_in_flight.keys())
+            if self.hub.ready_count() >= min(self.max_batch, expected) or now >= deadline:
+                return
+            await self.hub.wait_for_submit(deadline - now)
+
     async def _round(self, jobs: list[Job], slots: asyncio.Semaphore) -> None:
+        ids = [job.stream.id for job in jobs]
+        for stream_id in ids:
+            self.streams_in_flight[stream_id] = self.streams_in_flight.get(stream_id, 0) + 1
         try:
             self.hub.metrics.batch_size.observe(len(jobs))
             batch = [FrameJob(job.stream.id, job.frame.data, job.config) for job in jobs]
+            started = time.monotonic()
             try:
                 results = await self.backend.process(batch)
             except Exception as exc:  # the backend promises not to raise; be safe anyway
                 log.exception("backend failed")
                 results = [exc] * len(jobs)
+            self.batch_seconds = time.monotonic() - started
             for job, result in zip(jobs, results, strict=True):
                 if isinstance(result, bytes):
                     self.hub.publish_styled(job, result)
@@ -82,4 +112,9 @@ class Scheduler:
                     message = f"processing failed: {result}" if str(result) else "processing failed"
                     self.hub.tell_broadcaster(job.stream, protocol.error("processing_failed", message))
         finally:
+            for stream_id in ids:
+                if self.streams_in_flight.get(stream_id, 0) <= 1:
+                    self.streams_in_flight.pop(stream_id, None)
+                else:
+                    self.streams_in_flight[stream_id] -= 1
             slots.release()

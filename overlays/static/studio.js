@@ -356,8 +356,12 @@ async function refreshHealth() {
   try {
     const health = await (await fetch("/healthz", { cache: "no-store" })).json();
     const badge = $("server-status");
-    setText(badge, health.status);
+    // compile=full serves at once and compiles faster kernels in the background: say so ("optimising 3/8")
+    const opt = health.optimise;
+    const optimising = health.status === "ok" && opt && opt.state === "running";
+    setText(badge, optimising ? `ok · optimising ${opt.done}/${opt.total}` : health.status);
     badge.dataset.state = health.status;
+    badge.title = opt ? `compile=${opt.mode}: ${opt.state} ${opt.done}/${opt.total}` : "";
     setText($("processor-name"), health.processor);
     setText($("processor-device"), health.device);
     setText($("processor-reason"), health.reason || "");

@@ -37,6 +37,9 @@ class Processor(ABC):
 
     name: str = "base"
     default_steps: int = 1
+    # True: `Engine` may hand over frames decoded on the processor's GPU and take its output there
+    # (`process_batch_on_device`), encoding JPEG with nvJPEG (service/processors/gpu_jpeg.py).
+    gpu_jpeg: bool = False
 
     def __init__(
         self,
@@ -84,6 +87,13 @@ class Processor(ABC):
 
     def warmup(self) -> None:
         """Do slow one-off work (compilation, first CUDA launch) before the first viewer waits on it."""
+
+    def optimise_progress(self) -> dict[str, Any]:
+        """Work that goes on after warm-up to make the processor faster (background compiles), if any."""
+        return {"state": "off"}
+
+    def wait_optimised(self, timeout: float | None = None) -> bool:
+        return True
 
     def describe(self) -> dict[str, Any]:
         return {"processor": self.name, "device": self.device}

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from service.codec import fit_to
-from service.processors.accel import Accelerator
+from service.processors import gpu_jpeg
+from service.processors.accel import CAPTURE_LOCK, Accelerator
 from service.processors.base import FrameRequest, Processor
 from service.processors.depth import load_depth_estimator
 from service.processors.models import ModelSource, load_model, model_source, resolve_device_dtype
@@ -44,7 +45,8 @@ log = logging.getLogger("dreamstream.processors")
 
 V = TypeVar("V")
 MODEL_OPTIONS = ("base_model", "controlnet_model", "depth_model", "tiny_vae", "vae_model")
-COMMON_OPTIONS = MODEL_OPTIONS + ("device", "dtype", "width", "height", "controlnet_scale", "compile", "batch_sizes")
+COMMON_OPTIONS = MODEL_OPTIONS + ("device", "dtype", "width", "height", "controlnet_scale", "compile", "batch_sizes",
+                                   "gpu_jpeg")
 
 
 def steps_to_run(num_steps: int, strength: float) -> int:
@@ -106,6 +108,21 @@ def _pixels(options: dict[str, Any], name: str) -> int:
     return value
 
 
+def _flag(options: dict[str, Any], name: str, default: bool) -> bool:
+    """A boolean option, else DREAMSTREAM_<NAME> (1/0, true/false, on/off), else `default`."""
+    value = options.get(name)
+    if value is None:
+        raw = os.environ.get(f"DREAMSTREAM_{name.upper()}", "").strip().lower()
+        if not raw:
+            return default
+        if raw not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
+            raise ValueError(f"DREAMSTREAM_{name.upper()} must be 1 or 0, got {raw!r}")
+        return raw in ("1", "true", "on", "yes")
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 class DiffusionProcessor(Processor):
     """Base of the standard and lightning processors; subclasses load their models and define `denoise`."""
 
@@ -146,6 +163,8 @@ class DiffusionProcessor(Processor):
         self._noise: LRU = LRU(64)
         self._schedules: dict[tuple[int, int], Schedule] = {}
         self.accel = Accelerator.from_options(options.get("compile"), options.get("batch_sizes"), self.device)
+        # nvJPEG: Engine hands this processor frames decoded on the GPU and encodes its output there
+        self.gpu_jpeg = _flag(options, "gpu_jpeg", True) and gpu_jpeg.available(self.device)
         self.load_models()
         self._load_vae()
         self.accel.optimize(self.unet, self.vae)
@@ -265,7 +284,8 @@ class DiffusionProcessor(Processor):
 
     def check_request(self, request: FrameRequest) -> None:
         image = request.image
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        uint8 = image.dtype == (torch.uint8 if isinstance(image, torch.Tensor) else np.uint8)
+        if not isinstance(image, (np.ndarray, torch.Tensor)) or image.ndim != 3 or image.shape[2] != 3 or not uint8:
             raise ValueError("image must be an RGB uint8 array of shape (height, width, 3)")
         if not isinstance(request.prompt, str):
             raise ValueError("prompt must be a string")
@@ -276,13 +296,19 @@ class DiffusionProcessor(Processor):
         self.check_steps(request.num_steps)
 
     def process_batch(self, requests: list[FrameRequest]) -> list[np.ndarray]:
+        return [image.cpu().numpy() for image in self.process_batch_on_device(requests)]
+
+    def process_batch_on_device(self, requests: list[FrameRequest]) -> list[torch.Tensor]:
+        """`process_batch`, leaving the styled frames (H, W, 3) uint8 on the device (for nvJPEG). Request
+        images may be numpy arrays or uint8 tensors already on the device."""
+        self.accel.release_superseded()
         for request in requests:
             self.check_request(request)
         groups: dict[tuple[int, int, bool], list[int]] = {}
         for i, r in enumerate(requests):
             key = (r.num_steps, steps_to_run(r.num_steps, r.strength), bool(r.use_controlnet))
             groups.setdefault(key, []).append(i)
-        results: list[np.ndarray] = [np.empty(0, np.uint8)] * len(requests)
+        results: list[Any] = [None] * len(requests)
         with torch.inference_mode():
             for (num_steps, run, use_controlnet), members in groups.items():
                 images = self.run_group([requests[i] for i in members], num_steps, run, use_controlnet)
@@ -291,7 +317,7 @@ class DiffusionProcessor(Processor):
         return results
 
     def run_group(self, requests: list[FrameRequest], num_steps: int, run: int,
-                  use_controlnet: bool) -> list[np.ndarray]:
+                  use_controlnet: bool) -> list[torch.Tensor]:
         """Requests that share their timesteps, in batches of the sizes the fast path has graphs for.
 
         With `compile` on, a group is split at the largest batch size and each part is padded (with copies
@@ -305,7 +331,7 @@ class DiffusionProcessor(Processor):
         return images
 
     def run_batch(self, requests: list[FrameRequest], num_steps: int, run: int,
-                  use_controlnet: bool) -> list[np.ndarray]:
+                  use_controlnet: bool) -> list[torch.Tensor]:
         """One batched pass: the whole per-frame work."""
         self.prepare_steps(num_steps)
         pixels = self.to_pixels([r.image for r in requests])
@@ -318,10 +344,15 @@ class DiffusionProcessor(Processor):
     def prepare_steps(self, num_steps: int) -> None:
         """Hook for step-count dependent weights (lightning swaps its UNet here)."""
 
-    def to_pixels(self, frames: list[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 frames of any size -> (B, 3, H, W) in [0, 1] on the device; only uint8 crosses the bus."""
-        batch = np.stack([fit_to(frame, self.width, self.height) for frame in frames])
-        return torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 255
+    def to_pixels(self, frames: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """RGB uint8 frames of any size -> (B, 3, H, W) in [0, 1] on the device; only uint8 crosses the bus.
+
+        Frames already on the device (decoded by nvJPEG) are cropped and resized there."""
+        if all(isinstance(frame, np.ndarray) for frame in frames):
+            batch = np.stack([fit_to(frame, self.width, self.height) for frame in frames])
+            return torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 255
+        chw = [gpu_jpeg.fit(torch.as_tensor(frame).to(self.device), self.width, self.height) for frame in frames]
+        return (torch.stack(chw) / 255).to(self.dtype)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.vae_encode(pixels)
@@ -332,8 +363,8 @@ class DiffusionProcessor(Processor):
         latents = out.latents if hasattr(out, "latents") else out.latent_dist.mode()
         return (latents.float() - self.latent_shift) * self.latent_scale
 
-    def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
-        return list(self.vae_decode(latents).cpu().numpy())
+    def decode(self, latents: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.vae_decode(latents))
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> (B, H, W, 3) uint8 on the device: only the finished pixels cross the bus."""
@@ -399,18 +430,38 @@ class DiffusionProcessor(Processor):
             self.warmup_seconds = time.perf_counter() - start
             log.info("%s warm-up frame: %.0f ms", self.name, self.warmup_seconds * 1000)
             return
-        controlnet = (True, False) if self.controlnet is not None else (False,)
-        shapes = [(size, cn) for size in self.accel.batch_sizes for cn in controlnet]
-        log.info("%s: compiling (compile=%s) for %d batch shapes; the first can take minutes", self.name,
-                 self.accel.mode, len(shapes))
+        # The stream's own ControlNet setting first, every batch size, then the other setting: the
+        # background optimiser (compile=full) compiles in the same order.
+        controlnet = (self.use_controlnet, not self.use_controlnet) if self.controlnet is not None else (False,)
+        shapes = [(size, cn) for cn in controlnet for size in self.accel.batch_sizes]
+        what = "capturing CUDA graphs" if self.accel.background or self.accel.mode == "graphs" else "compiling"
+        log.info("%s: %s (compile=%s) for %d batch shapes%s", self.name, what, self.accel.mode, len(shapes),
+                 "" if what != "compiling" else "; the first can take minutes")
         for i, (size, cn) in enumerate(shapes, 1):
             step = time.perf_counter()
             self.process_batch([dataclasses.replace(self.request(image), use_controlnet=cn)] * size)
-            log.info("%s: compiled batch %d, controlnet %s (%d/%d) in %.1f s", self.name, size,
+            log.info("%s: batch %d, controlnet %s ready (%d/%d) in %.1f s", self.name, size,
                      "on" if cn else "off", i, len(shapes), time.perf_counter() - step)
+        if self.accel.uses_graphs:
+            with CAPTURE_LOCK:  # the eager warm-up runs' blocks: the graphs hold what they need
+                torch.cuda.empty_cache()
         self.warmup_seconds = time.perf_counter() - start
-        log.info("%s warm-up done in %.1f s (%d CUDA graphs)", self.name, self.warmup_seconds,
-                 self.accel.graph_count())
+        log.info("%s warm-up done in %.1f s (%d CUDA graphs)%s", self.name, self.warmup_seconds,
+                 self.accel.graph_count(), self.memory_note())
+        self.accel.start_optimising()
+
+    def memory_note(self) -> str:
+        if not str(self.device).startswith("cuda"):
+            return ""
+        return (f"; GPU memory: {torch.cuda.memory_allocated(self.device) / 2**30:.1f} GiB allocated, "
+                f"{torch.cuda.memory_reserved(self.device) / 2**30:.1f} GiB reserved")
+
+    def wait_optimised(self, timeout: float | None = None) -> bool:
+        """Block until the background compile (compile=full) is done; True at once in other modes."""
+        return self.accel.wait_optimised(timeout)
+
+    def optimise_progress(self) -> dict[str, Any]:
+        return self.accel.progress()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -425,4 +476,5 @@ class DiffusionProcessor(Processor):
             "use_controlnet": self.use_controlnet,
             "models": {name: (s.value if s else None) for name, s in self.sources.items()},
             "compile": self.accel.describe(),
+            "gpu_jpeg": self.gpu_jpeg,
         }
