@@ -428,7 +428,7 @@ def build_models(args: argparse.Namespace) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="/tmp/real-models", help="the model set (built if missing)")
+    parser.add_argument("--models", help="the model set, built if missing (default /tmp/real-models, /tmp/tiny-models)")
     parser.add_argument("--out", default="benchmarks/results/gpu_server.json")
     parser.add_argument("--logs", help="server logs (default: <out>_logs beside --out)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {', '.join(CONFIGS)}")
@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models, 64 px frames: a smoke test")
     args = parser.parse_args(argv)
     args.size = 64 if args.tiny else 512
+    args.models = args.models or ("/tmp/tiny-models" if args.tiny else "/tmp/real-models")
     args.streams = sorted({int(n) for n in args.streams.split(",")})
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     if unknown := [n for n in names if n not in CONFIGS]:
