@@ -197,7 +197,8 @@ def load_resource(run: Run, key: str) -> Any:
         options.update(width=run.args.size, height=run.args.size)
     engine = Engine(StreamConfig(prompt=PROMPT, processor_type=spec.processor, use_controlnet=spec.controlnet),
                     processor_options=options)
-    proc = engine.processor(spec.processor)  # loads, then warmup(): compiles and captures every batch size
+    proc = engine.processor(spec.processor)  # loads, then warmup(): captures every batch size
+    proc.wait_optimised()  # compile=full compiles in the background: time the finished article
     return LoadedEngine(engine, proc, getattr(proc, "warmup_seconds", None))
 
 

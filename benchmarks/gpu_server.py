@@ -209,7 +209,10 @@ class Bench:
     def __init__(self, args: argparse.Namespace, paths: dict[str, Path]) -> None:
         self.args, self.paths, self.started = args, paths, time.monotonic()
         self.frames = make_frames(8, args.size)
-        self.cache = tempfile.mkdtemp(prefix="dreamstream-inductor-")  # empty: the first start is cold
+        # empty: the first start is cold; --cache-dir keeps it across invocations (one device call, several runs)
+        self.cache = args.cache_dir or tempfile.mkdtemp(prefix="dreamstream-inductor-")
+        Path(self.cache).mkdir(parents=True, exist_ok=True)
+        self.cold = not any(Path(self.cache).iterdir())
         self.out = Path(args.out)
         self.logs = Path(args.logs) if args.logs else self.out.parent / f"{self.out.stem}_logs"
         old = json.loads(self.out.read_text()) if self.out.exists() else {}  # a run adds to the last one's
@@ -228,6 +231,8 @@ class Bench:
         env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                    PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TORCHINDUCTOR_CACHE_DIR=self.cache,
                    DREAMSTREAM_DEVICE=self.args.device, DREAMSTREAM_MAX_FPS=str(self.args.max_fps))
+        if self.args.batch_sizes:  # fewer shapes to compile in a short GPU call (1..N streams pad up to them)
+            env["DREAMSTREAM_BATCH_SIZES"] = self.args.batch_sizes
         if (vae := Path(self.args.models) / "sdxl_vae_fp16").is_dir():  # the fp16-fix VAE, where the set has it
             env["DREAMSTREAM_LIGHTNING_VAE_MODEL"] = str(vae)
         if tiny_vae:
@@ -255,7 +260,8 @@ class Bench:
         out: dict[str, Any] = {"serve": extra, "tiny_vae": tiny_vae, "starts": [], "streams": {},
                                "env": {k: v for k, v in env.items() if k.startswith(("DREAMSTREAM_", "TORCHIND"))}}
         self.results["configs"][name] = out
-        labels = ["cold", "warm"] if first and self.args.restart else ["cold" if first else "shared-cache"]
+        first_label = "cold" if first and self.cold else "shared-cache"
+        labels = [first_label, "warm"] if first and self.args.restart else [first_label]
         for label in labels:
             if label == "warm" and self.over_budget(f"{name} warm restart"):
                 break
@@ -334,6 +340,39 @@ class Bench:
         if server:
             out["server_share"] = round(server["fps_total"] / out["fps_total"], 3)
         progress(f"Engine.run batch 8: {out['fps_total']} frames/s; server keeps {out.get('server_share')}")
+        out["equivalence"] = equivalence(engine, batches[0])
+        progress(f"equivalence: {out['equivalence']}")
+
+
+def equivalence(engine: Any, jobs: list[Any]) -> dict[str, Any]:
+    """The served path (compiled graphs + nvJPEG) against the eager path with CPU JPEG, same jobs and seeds:
+    mean/max absolute difference of the decoded output pixels (0-255). JPEG alone (quality 85) moves pixels
+    by a few levels; fp16 kernel differences by less."""
+    import numpy as np
+
+    from service import codec
+
+    proc = engine.processors["lightning"]
+
+    def images() -> list[Any]:
+        return [codec.decode(o).astype(np.int16) for o in engine.run(jobs)]
+
+    served = images()
+    gpu_jpeg, proc.gpu_jpeg = proc.gpu_jpeg, False
+    served_cpu_jpeg = images()
+    proc.accel.bypass(True)
+    eager_cpu_jpeg = images()
+    proc.gpu_jpeg = gpu_jpeg
+    eager_gpu_jpeg = images()
+    proc.accel.bypass(False)
+
+    def diff(a: list[Any], b: list[Any]) -> dict[str, float]:
+        d = np.abs(np.stack(a) - np.stack(b))
+        return {"mean": round(float(d.mean()), 3), "max": int(d.max())}
+
+    return {"served_vs_eager_cpu_jpeg": diff(served, eager_cpu_jpeg),
+            "compiled_vs_eager_both_cpu_jpeg": diff(served_cpu_jpeg, eager_cpu_jpeg),
+            "nvjpeg_vs_cpu_jpeg_both_eager": diff(eager_gpu_jpeg, eager_cpu_jpeg)}
 
 
 def optimise_state(engine: Any) -> str | None:
@@ -433,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs", help="server logs (default: <out>_logs beside --out)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {', '.join(CONFIGS)}")
     parser.add_argument("--streams", default="1,2,4,8")
+    parser.add_argument("--batch-sizes", help="DREAMSTREAM_BATCH_SIZES of the servers and the engine, e.g. 1 or 8")
+    parser.add_argument("--cache-dir", help="inductor cache to use and keep (default: a fresh temp dir, removed)")
     parser.add_argument("--seconds", type=float, default=15.0, help="measured window per stream count")
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--ready-timeout", type=float, default=900.0)
@@ -465,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.results.setdefault("engine", {})["error"] = f"{type(exc).__name__}: {exc}"
             progress(f"Engine.run comparison failed: {exc}")
     bench.save()
-    shutil.rmtree(bench.cache, ignore_errors=True)
+    if not args.cache_dir:
+        shutil.rmtree(bench.cache, ignore_errors=True)
     plot(bench.results, bench.out.with_suffix(".png"))
     print(table(bench.results), flush=True)
     failed = any("error" in bench.results["configs"].get(n, {}) for n in names)

@@ -13,6 +13,7 @@ are not thread-safe.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 import weakref
@@ -58,10 +59,10 @@ async def process_base64_frame(base64_frame: str, processor: Processor, prompt: 
     """Bare base64 or a data URL in (JPEG/PNG/WebP), the same form out with a JPEG inside."""
     try:
         data, is_data_url = codec.split_base64(base64_frame)
-        image = codec.decode(data)
+        image = _decode(processor, data)
     except codec.FrameError as exc:
         raise codec.FrameError(exc.code, f"base64_frame: {exc.message}") from exc
-    jpeg = await _styled_jpeg(processor, processor.request(image, prompt))
+    jpeg = await _styled_jpeg(processor, processor.request(image, prompt), data)
     return codec.jpeg_data_url(jpeg) if is_data_url else codec.jpeg_base64(jpeg)
 
 
@@ -82,17 +83,21 @@ async def apply_diffusion(
     if not isinstance(img_data, (bytes, bytearray, memoryview)):
         raise ValueError(f"img_data must be the bytes of a JPEG, PNG or WebP image, got {type(img_data).__name__}")
     try:
-        image = codec.decode(bytes(img_data))
+        codec.probe(bytes(img_data))  # a bad frame fails before any model loads
     except codec.FrameError as exc:
         raise codec.FrameError(exc.code, f"img_data: {exc.message}") from exc
     processor = await asyncio.to_thread(_cached_processor, processor_type, options)
+    try:
+        image = _decode(processor, bytes(img_data))
+    except codec.FrameError as exc:
+        raise codec.FrameError(exc.code, f"img_data: {exc.message}") from exc
     steps = processor.default_steps if num_steps is None else num_steps
     # The base constructor's argument checks (strength in (0, 1], steps a positive int), loading nothing.
     IdentityProcessor(strength=strength, num_steps=steps)
     processor.check_steps(steps)
     request = FrameRequest(image, processor.style_prompt if prompt is None else prompt, float(strength), steps,
                            processor.seed, bool(use_controlnet))
-    return await _styled_jpeg(processor, request)
+    return await _styled_jpeg(processor, request, bytes(img_data))
 
 
 def clear_processor_cache() -> None:
@@ -111,12 +116,32 @@ def _cached_processor(processor_type: str, options: dict[str, Any]) -> Processor
         return _cache[key]
 
 
-async def _styled_jpeg(processor: Processor, request: FrameRequest) -> bytes:
+def _decode(processor: Processor, data: bytes) -> np.ndarray | None:
+    """The frame's pixels, or None when `processor` decodes this JPEG itself on its GPU (nvJPEG, in `_styled_jpeg`).
+    The header checks run here either way, so a bad frame fails before any model work."""
+    if processor.gpu_jpeg and codec.probe(data).gpu_decodable:
+        return None
+    return codec.decode(data)
+
+
+async def _styled_jpeg(processor: Processor, request: FrameRequest, data: bytes) -> bytes:
+    """Style one frame in a worker thread; on a CUDA processor JPEG is decoded and encoded there (nvJPEG), as the
+    server's Engine does."""
     with _cache_lock:
         lock = _run_locks.setdefault(processor, threading.Lock())
 
-    def run() -> np.ndarray:
+    def run() -> bytes:
         with lock:
-            return processor.process_batch([request])[0]
+            if not processor.gpu_jpeg:
+                return codec.encode_jpeg(processor.process_batch([request])[0])
+            from service.processors import gpu_jpeg
 
-    return codec.encode_jpeg(await asyncio.to_thread(run))
+            ready = request
+            if request.image is None:
+                try:
+                    ready = dataclasses.replace(request, image=gpu_jpeg.decode([data], processor.device)[0])
+                except Exception:  # nvJPEG refused it: the CPU decoder is the reference
+                    ready = dataclasses.replace(request, image=codec.decode(data))
+            return gpu_jpeg.encode(processor.process_batch_on_device([ready]), 85)[0]
+
+    return await asyncio.to_thread(run)

@@ -53,6 +53,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -74,6 +75,9 @@ CAPTURE_LOCK = threading.Lock()  # one CUDA graph capture at a time in this proc
 _ON = {"1", "true", "yes", "on"}
 _OFF = {"", "0", "false", "no", "off", "none", "eager"}
 _sequence = itertools.count()  # order in which signatures were first seen: the optimiser's priority
+_capture_streams = threading.local()  # one capture stream per thread: the caching allocator reuses a freed block
+# only on the stream it was allocated on, so graphs captured on one stream into one pool share their scratch memory
+OPTIMISING_SWITCH_S = 0.00025  # the GIL switch interval while compiling (default 5 ms), see Accelerator._optimise
 
 
 def parse_mode(value: Any, device: torch.device) -> tuple[str, str]:
@@ -180,7 +184,9 @@ def capture(fn: Callable[..., Any], flat: list[Any], spec: Any, pool: Any, name:
     """A CUDA graph of `fn` on static copies of `flat`, after WARMUP_RUNS eager runs on a stream of its own."""
     started = time.perf_counter()
     with CAPTURE_LOCK:
-        stream = torch.cuda.Stream()
+        stream = getattr(_capture_streams, "stream", None)
+        if stream is None:
+            stream = _capture_streams.stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             inputs = [torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
@@ -233,9 +239,10 @@ class AcceleratedFunction:
             runner = self.fast.get(key)
             if runner is None:
                 runner = self.fast[key] = self._runner(self.serve_fn, flat, spec, self.accel.pool, "")
-                if self.optimised_fn is not None:
+                if self.optimised_fn is not None and self.accel.recording:
                     clones = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat]
                     self.examples[key] = _Example(next(_sequence), spec, clones)
+                    self.accel.start_optimising()  # again, if it had finished: a shape first used now
         return runner(flat)
 
     def _runner(self, fn: Callable[..., Any], flat: list[Any], spec: Any, pool: Any, variant: str) -> Any:
@@ -286,8 +293,13 @@ class Accelerator:
         self.pool = torch.cuda.graph_pool_handle() if self.uses_graphs else None
         self.progress_info = Progress("pending" if self.background else "off")
         self._thread: threading.Thread | None = None
+        self._pool_better: Any = None  # the compiled graphs' memory pool (one, across optimiser runs)
         self._finished = threading.Event()
         self._release = False  # set by the optimiser when done: the serving thread drops the eager graphs
+        # False while warm-up captures shapes nobody may use (the other ControlNet setting): those are
+        # optimised only once real frames use them
+        self.recording = True
+        self._can_start = False  # set by the processor's warm-up: no optimising before it
         if mode in ("regional", "full"):
             self.cache_dir = configure_inductor()
         if self.uses_graphs:
@@ -355,16 +367,29 @@ class Accelerator:
     # --- the background optimiser -----------------------------------------------------------------
 
     def start_optimising(self) -> None:
-        """Compile the `full` variant of every signature seen so far (and of later ones) in a daemon thread."""
-        if not self.background or self._thread is not None:
+        """Compile the `full` variant of every signature recorded (and of later ones) in a daemon thread; called
+        by the warm-up, and again when a new signature is first used after the thread finished."""
+        if not self.background or not self._can_start or (self._thread is not None and self._thread.is_alive()):
             return
-        self.progress_info = Progress("running", started=time.monotonic())
+        done, total = self.progress_info.done, self.progress_info.total
+        self.progress_info = Progress("running", done=done, total=total, started=time.monotonic())
+        self._finished.clear()
         self._thread = threading.Thread(target=self._optimise, name="dreamstream-optimiser", daemon=True)
         self._thread.start()
 
+    def allow_optimising(self) -> None:
+        self._can_start = True
+        self.start_optimising()
+
     def _optimise(self) -> None:
         info = self.progress_info
-        pool = torch.cuda.graph_pool_handle() if self.uses_graphs else None
+        if self._pool_better is None:
+            self._pool_better = torch.cuda.graph_pool_handle() if self.uses_graphs else None
+        pool = self._pool_better
+        # Compiling is pure Python for minutes: with the default 5 ms GIL switch interval, the serving thread
+        # and the event loop wait up to 5 ms each time they want the GIL back (dozens of times a frame).
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, OPTIMISING_SWITCH_S))
         log.info("optimising in the background: compiling every model call with inductor (compile=full); "
                  "frames are served meanwhile")
         try:
@@ -395,6 +420,7 @@ class Accelerator:
         except Exception as exc:
             info.errors.append(f"{type(exc).__name__}: {exc}"[:300])
             log.exception("the background optimiser stopped")
+        sys.setswitchinterval(switch)
         info.seconds = time.monotonic() - (info.started or time.monotonic())
         info.state = "failed" if info.errors and not info.done else "done"
         self._release = True

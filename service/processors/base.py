@@ -21,7 +21,7 @@ log = logging.getLogger("dreamstream.processors")
 class FrameRequest:
     """One frame of one stream with that stream's own settings. A batch mixes streams freely."""
 
-    image: np.ndarray  # RGB uint8, (H, W, 3)
+    image: Any  # RGB uint8 (H, W, 3): a numpy array, or a torch tensor on the GPU (nvJPEG-decoded)
     prompt: str
     strength: float = 0.7
     num_steps: int = 25

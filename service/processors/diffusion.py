@@ -439,6 +439,7 @@ class DiffusionProcessor(Processor):
                  "" if what != "compiling" else "; the first can take minutes")
         for i, (size, cn) in enumerate(shapes, 1):
             step = time.perf_counter()
+            self.accel.recording = cn == controlnet[0]  # the other setting is optimised once frames use it
             self.process_batch([dataclasses.replace(self.request(image), use_controlnet=cn)] * size)
             log.info("%s: batch %d, controlnet %s ready (%d/%d) in %.1f s", self.name, size,
                      "on" if cn else "off", i, len(shapes), time.perf_counter() - step)
@@ -448,7 +449,8 @@ class DiffusionProcessor(Processor):
         self.warmup_seconds = time.perf_counter() - start
         log.info("%s warm-up done in %.1f s (%d CUDA graphs)%s", self.name, self.warmup_seconds,
                  self.accel.graph_count(), self.memory_note())
-        self.accel.start_optimising()
+        self.accel.recording = True
+        self.accel.allow_optimising()
 
     def memory_note(self) -> str:
         if not str(self.device).startswith("cuda"):
