@@ -428,6 +428,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (fps_ax, rtt_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (name, c) in enumerate(results["configs"].items()):
@@ -440,11 +441,17 @@ def plot(results: dict[str, Any], path: Path) -> None:
             n, fps, p50 = TARGETS[name]
             fps_ax.axhline(fps, ls="--", lw=1, color=f"C{i}", label=f"target {name}: {fps:.0f} at {n}")
             rtt_ax.axhline(p50, ls="--", lw=1, color=f"C{i}", label=f"target {name}: p50 {p50:.0f} ms at {n}")
+    for i, name in enumerate(results["configs"]):  # figures measured before a change, if recorded
+        for n, before in (results.get("before", {}).get(name) or {}).items():
+            fps_ax.plot([int(n)], [before["fps_total"]], "x", ms=9, color=f"C{i}", label=f"{name} before, {n}")
+            if before.get("p50_ms"):
+                rtt_ax.plot([int(n)], [before["p50_ms"]], "x", ms=9, color=f"C{i}")
     if (e := results.get("engine")) and "fps_total" in e:
         fps_ax.axhline(e["fps_total"], ls=":", color="gray", label="Engine.run batch 8")
     for ax, label in ((fps_ax, "frames/s, all streams"), (rtt_ax, "p50 round trip, ms")):
         ax.set(xscale="log", xticks=[1, 2, 4, 8], xticklabels=["1", "2", "4", "8"], xlabel="closed-loop streams",
                ylabel=label)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     meta = results["meta"]
