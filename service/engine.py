@@ -41,7 +41,7 @@ class ProcessorLoadError(RuntimeError):
 
 @dataclass
 class Prepared:
-    """A batch between `Engine.prepare` (host thread) and `Engine.run_prepared` (worker thread)."""
+    """A batch between `Engine.prepare` (CPU decoding) and `Engine.run_prepared` (GPU decoding, styling, encoding)."""
 
     jobs: list[FrameJob]
     images: list[Any]  # RGB uint8 (H, W, 3): numpy from the CPU decoder, None where the GPU decodes
@@ -96,8 +96,8 @@ class Engine:
         return self.run_prepared(self.prepare(jobs))
 
     def prepare(self, jobs: list[FrameJob]) -> Prepared:
-        """The host half of decoding, safe to run on another thread while the worker runs the previous batch:
-        CPU-decodes every frame, except JPEGs for a processor that decodes on its GPU (nvJPEG), which stay bytes."""
+        """The CPU half of decoding: every frame, except JPEGs for a processor that decodes on its GPU (nvJPEG),
+        which stay bytes for `run_prepared`. Touches no processor state."""
         prepared = Prepared(jobs, [None] * len(jobs), [None] * len(jobs))
         for i, job in enumerate(jobs):
             try:

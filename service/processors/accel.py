@@ -181,20 +181,21 @@ class _Direct:
 
 
 def capture(fn: Callable[..., Any], flat: list[Any], spec: Any, pool: Any, name: str) -> _Captured:
-    """A CUDA graph of `fn` on static copies of `flat`, after WARMUP_RUNS eager runs on a stream of its own."""
+    """A CUDA graph of `fn` on static copies of `flat`, after WARMUP_RUNS runs (the first call of a compiled `fn`
+    compiles: minutes, outside the lock) on this thread's capture stream."""
     started = time.perf_counter()
+    stream = getattr(_capture_streams, "stream", None)
+    if stream is None:
+        stream = _capture_streams.stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        inputs = [torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+                  if isinstance(x, torch.Tensor) else None for x in flat]
+        args = tree_unflatten([b if b is not None else x for b, x in zip(inputs, flat, strict=True)], spec)
+        for _ in range(WARMUP_RUNS):
+            fn(*args)
+    stream.synchronize()
     with CAPTURE_LOCK:
-        stream = getattr(_capture_streams, "stream", None)
-        if stream is None:
-            stream = _capture_streams.stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            inputs = [torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
-                      if isinstance(x, torch.Tensor) else None for x in flat]
-            args = tree_unflatten([b if b is not None else x for b, x in zip(inputs, flat, strict=True)], spec)
-            for _ in range(WARMUP_RUNS):
-                fn(*args)
-        stream.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             outputs = fn(*args)
@@ -402,6 +403,7 @@ class Accelerator:
                         break
                     _, name, key = todo[0]
                     fn = self.functions[name]
+                    batch = _batch_of(fn.examples[key].flat)
                     started = time.monotonic()
                     try:
                         if self.device.type == "cuda":
@@ -415,8 +417,8 @@ class Accelerator:
                         log.exception("optimising %s failed; that shape keeps its eager CUDA graph", name)
                         continue
                     info.done += 1
-                    log.info("optimised %s for batch %d in %.0f s (%d/%d)", name,
-                             _batch_of(fn.examples[key].flat), time.monotonic() - started, info.done, info.total)
+                    log.info("optimised %s for batch %d in %.0f s (%d/%d)", name, batch, time.monotonic() - started,
+                             info.done, info.total)
         except Exception as exc:
             info.errors.append(f"{type(exc).__name__}: {exc}"[:300])
             log.exception("the background optimiser stopped")
