@@ -6,6 +6,7 @@ path. Here the same code runs minus the graphs, so padding, splitting and induct
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -96,13 +97,23 @@ def test_full_mode_serves_at_once_and_swaps_in_compiled_calls_from_the_backgroun
     assert progress["state"] == "done" and progress["done"] == progress["total"] > 0, progress
     assert "errors" not in progress
     unet = fast.accel.functions["unet+controlnet"]
-    assert unet.better and set(unet.better) >= set(unet.fast)  # every signature served has its compiled runner
+    # the default ControlNet setting (on) is compiled for both batch sizes; "off" stays eager until used
+    assert len(unet.better) == 2 and len(unet.fast) == 4
     late, reference = fast.process_batch(requests), eager.process_batch(requests)
-    assert not unet.fast  # the superseded eager runners are gone after the next batch
+    assert len(unet.fast) == 2  # the superseded eager runners are gone after the next batch
     for a, b, c in zip(early, late, reference, strict=True):
         assert a.shape == b.shape == c.shape == (64, 64, 3)
         assert np.abs(a.astype(int) - c.astype(int)).max() <= 2
         assert np.abs(b.astype(int) - c.astype(int)).max() <= 2
+    # a frame with the ControlNet off: served eagerly at once, then compiled in the background too
+    off = [dataclasses.replace(requests[0], use_controlnet=False)]
+    first = fast.process_batch(off)
+    assert fast.optimise_progress()["state"] in ("running", "done")
+    assert fast.wait_optimised(timeout=900) and fast.optimise_progress()["state"] == "done"
+    assert len(unet.better) == 3
+    again, reference = fast.process_batch(off), eager.process_batch(off)
+    assert np.abs(first[0].astype(int) - reference[0].astype(int)).max() <= 2
+    assert np.abs(again[0].astype(int) - reference[0].astype(int)).max() <= 2
 
 
 def test_inductor_cache_goes_to_our_folder_unless_the_user_chose_one(monkeypatch, tmp_path):

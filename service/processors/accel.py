@@ -240,10 +240,11 @@ class AcceleratedFunction:
             runner = self.fast.get(key)
             if runner is None:
                 runner = self.fast[key] = self._runner(self.serve_fn, flat, spec, self.accel.pool, "")
-                if self.optimised_fn is not None and self.accel.recording:
-                    clones = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat]
-                    self.examples[key] = _Example(next(_sequence), spec, clones)
-                    self.accel.start_optimising()  # again, if it had finished: a shape first used now
+            if (self.optimised_fn is not None and self.accel.recording and key not in self.examples
+                    and key not in self.failed):
+                clones = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat]
+                self.examples[key] = _Example(next(_sequence), spec, clones)
+                self.accel.start_optimising()  # again, if it had finished: a shape first used now
         return runner(flat)
 
     def _runner(self, fn: Callable[..., Any], flat: list[Any], spec: Any, pool: Any, variant: str) -> Any:
