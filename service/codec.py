@@ -213,20 +213,24 @@ def jpeg_base64(jpeg: bytes) -> str:
     return base64.b64encode(jpeg).decode("ascii")
 
 
+def crop_box(w: int, h: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """(x0, y0, w, h) of the centred crop of a w x h image to the aspect ratio of width x height."""
+    target = width / height
+    if w / h > target:
+        new_w = max(1, round(h * target))
+        return (w - new_w) // 2, 0, new_w, h
+    if w / h < target:
+        new_h = max(1, round(w / target))
+        return 0, (h - new_h) // 2, w, new_h
+    return 0, 0, w, h
+
+
 def fit_to(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     """Center-crop to the target aspect ratio, then resize: what the diffusion models are fed."""
     import cv2
 
-    h, w = rgb.shape[:2]
-    target = width / height
-    if w / h > target:
-        new_w = max(1, round(h * target))
-        x0 = (w - new_w) // 2
-        rgb = rgb[:, x0:x0 + new_w]
-    elif w / h < target:
-        new_h = max(1, round(w / target))
-        y0 = (h - new_h) // 2
-        rgb = rgb[y0:y0 + new_h]
+    x0, y0, w, h = crop_box(rgb.shape[1], rgb.shape[0], width, height)
+    rgb = rgb[y0:y0 + h, x0:x0 + w]
     if rgb.shape[1] != width or rgb.shape[0] != height:
         interp = cv2.INTER_AREA if rgb.shape[1] > width else cv2.INTER_LINEAR
         rgb = cv2.resize(rgb, (width, height), interpolation=interp)

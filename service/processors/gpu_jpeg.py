@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.codec import crop_box
+
 log = logging.getLogger("dreamstream.processors")
 
 
@@ -59,16 +61,8 @@ def encode(images: list[torch.Tensor] | torch.Tensor, quality: int) -> list[byte
 def fit(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """`codec.fit_to` on the device: centre-crop (H, W, 3) uint8 to the target aspect, resize; -> (3, h, w) float
     in [0, 255]. Downscaling is antialiased (as cv2's INTER_AREA averages); same-size frames are untouched."""
-    h, w = image.shape[:2]
-    target = width / height
-    if w / h > target:
-        new_w = max(1, round(h * target))
-        x0 = (w - new_w) // 2
-        image = image[:, x0:x0 + new_w]
-    elif w / h < target:
-        new_h = max(1, round(w / target))
-        y0 = (h - new_h) // 2
-        image = image[y0:y0 + new_h]
+    x0, y0, w, h = crop_box(image.shape[1], image.shape[0], width, height)
+    image = image[y0:y0 + h, x0:x0 + w]
     chw = image.permute(2, 0, 1).float()
     if chw.shape[1:] != (height, width):
         shrink = chw.shape[2] > width
