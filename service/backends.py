@@ -115,12 +115,16 @@ class LocalBackend(ProcessorBackend):
                     await self._worker.submit(self.engine.processor, processor_type)
                 except Exception:
                     pass
-            future = self._worker.submit(self.engine.run, jobs)
+            abandoned = threading.Event()
+            future = self._worker.submit(self.engine.run, jobs, abandoned)
             try:
                 return await asyncio.wait_for(future, self.timeout_s)
             except asyncio.TimeoutError:
-                # The stuck call keeps its thread; later frames get a fresh one so the streams go on.
+                # The stuck call keeps its thread and the processors it is in (quarantined: a fresh instance
+                # serves the next frames); later frames get a fresh thread, so the streams go on.
                 log.error("processing took longer than %.0f s; abandoning that call and going on", self.timeout_s)
+                abandoned.set()
+                self.engine.quarantine({job.config.processor_type for job in jobs})
                 self._worker.stop()
                 self._worker = _Worker()
                 error = TimeoutError(f"processing took longer than {self.timeout_s:g} s")

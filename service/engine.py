@@ -8,6 +8,7 @@ container. Both hand it the same `FrameJob`s, so the rest of the service never k
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -91,9 +92,12 @@ class Engine:
         self.processors[processor_type] = proc
         return proc
 
-    def run(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
-        """Style every job; a job's failure is returned in its place, never raised."""
-        return self.run_prepared(self.prepare(jobs))
+    def run(self, jobs: list[FrameJob], abandoned: threading.Event | None = None) -> list[bytes | Exception]:
+        """Style every job; a job's failure is returned in its place, never raised.
+
+        `abandoned`: set by a caller that gave up waiting (a timeout); the call then enters no further processor.
+        """
+        return self.run_prepared(self.prepare(jobs), abandoned)
 
     def prepare(self, jobs: list[FrameJob]) -> Prepared:
         """The CPU half of decoding: every frame, except JPEGs for a processor that decodes on its GPU (nvJPEG),
@@ -110,7 +114,7 @@ class Engine:
                 prepared.results[i] = exc
         return prepared
 
-    def run_prepared(self, prepared: Prepared) -> list[bytes | Exception]:
+    def run_prepared(self, prepared: Prepared, abandoned: threading.Event | None = None) -> list[bytes | Exception]:
         """The processor half (the worker thread's): GPU decode where `prepare` left bytes, style, encode."""
         results = prepared.results
         groups: dict[str, list[tuple[int, FrameRequest]]] = defaultdict(list)
@@ -125,9 +129,19 @@ class Engine:
                                  cfg.use_controlnet))
             )
         for processor_type, items in groups.items():
+            if abandoned is not None and abandoned.is_set():
+                break  # the caller timed out and may have handed our processors to another thread
             for i, result in self._run_group(processor_type, items):
                 results[i] = result
         return [r if r is not None else RuntimeError("frame was not processed") for r in results]
+
+    def quarantine(self, processor_types: set[str]) -> None:
+        """Set aside the processors a stuck call is inside: that thread keeps its instance, and the next frame of
+        each type loads a fresh one, so no processor is ever entered by two threads (none is thread-safe)."""
+        for processor_type in processor_types:
+            if self.processors.pop(processor_type, None) is not None:
+                log.error("the %s processor is stuck in a call that timed out: set aside (the stuck thread keeps "
+                          "it); the next frames load a fresh one", processor_type)
 
     def _gpu_decode(self, prepared: Prepared, indices: list[int]) -> None:
         """nvJPEG for the frames `prepare` left encoded, one batched call per device; the CPU decoder for any

@@ -106,8 +106,16 @@ class IdentityProcessor(Processor):
 
     def process_batch(self, requests: list[FrameRequest]) -> list[np.ndarray]:
         if os.environ.get(TEST_FAULTS_ENV) == "1":
-            for request in requests:
-                inject_test_fault(request.prompt)
+            # Processors are not thread-safe: with test faults on, a second thread inside this instance fails
+            # loudly, so tests can prove the server never lets one in (service/backends.py, quarantine).
+            if getattr(self, "_busy", False):
+                raise RuntimeError("test fault check: this processor was entered by a second thread")
+            self._busy = True
+            try:
+                for request in requests:
+                    inject_test_fault(request.prompt)
+            finally:
+                self._busy = False
         return [r.image for r in requests]
 
 
