@@ -370,12 +370,23 @@ class StreamHub:
         except asyncio.TimeoutError:
             pass
 
-    def ready_count(self) -> int:
-        return len(self._ready)
+    def head_key(self) -> tuple[str, int, bool] | None:
+        """The `batch_key` of the longest-waiting ready stream: the next batch's."""
+        for stream_id in self._ready:
+            stream = self.streams.get(stream_id)
+            if stream is not None and stream.pending is not None:
+                return batch_key(stream.config)
+        return None
 
-    def sending(self, now: float, within_s: float) -> set[str]:
-        """Live streams that sent a frame in the last `within_s` seconds: the ones likely to send again soon."""
-        return {s.id for s in self.streams.values() if s.broadcaster is not None and now - s.last_submit < within_s}
+    def ready_ids(self, key: tuple[str, int, bool]) -> set[str]:
+        """Streams with a frame waiting that could join a batch of `key`."""
+        return {sid for sid in self._ready if (s := self.streams.get(sid)) is not None and s.pending is not None
+                and batch_key(s.config) == key}
+
+    def sending(self, now: float, within_s: float, key: tuple[str, int, bool]) -> set[str]:
+        """Live streams of `key` that sent a frame in the last `within_s` seconds: likely to send again soon."""
+        return {s.id for s in self.streams.values() if s.broadcaster is not None and now - s.last_submit < within_s
+                and batch_key(s.config) == key}
 
     def take_batch(self, max_frames: int) -> list[Job]:
         """The newest frame of up to `max_frames` streams that run alike (`batch_key`: same processor, step

@@ -84,8 +84,14 @@ class Scheduler:
         deadline = time.monotonic() + limit
         while True:
             now = time.monotonic()
-            expected = len(self.hub.sending(now, self.SENDING_WINDOW_S) - self.streams_in_flight.keys())
-            if self.hub.ready_count() >= min(self.max_batch, expected) or now >= deadline:
+            key = self.hub.head_key()
+            if key is None:
+                return
+            # only streams that could join this batch; a stream with a frame in flight is expected only if
+            # it has a newer one ready already
+            ready = self.hub.ready_ids(key)
+            expected = self.hub.sending(now, self.SENDING_WINDOW_S, key) - (self.streams_in_flight.keys() - ready)
+            if len(ready) >= min(self.max_batch, len(expected)) or now >= deadline:
                 return
             await self.hub.wait_for_submit(deadline - now)
 

@@ -187,6 +187,26 @@ def test_a_stream_that_went_quiet_is_not_waited_for():
     asyncio.run(main())
 
 
+def test_a_stream_that_cannot_join_the_batch_is_not_waited_for():
+    """s2 runs lightning at another step count: it could never share s1's batch, so s1 must not wait for it."""
+
+    async def main():
+        async with scheduled(2) as (hub, scheduler, recorder, [two, four], [two_view, four_view]):
+            hub.set_config(two, {"processor_type": "lightning", "num_steps": 2})
+            hub.set_config(four, {"processor_type": "lightning", "num_steps": 4})
+            hub.submit(two, b"two-0", None)
+            hub.submit(four, b"four-0", None)
+            await until(lambda: two_view.frames and four_view.frames)
+            recorder.calls.clear()
+
+            scheduler.batch_seconds = SLOW_BATCH_S
+            hub.submit(two, b"two-1", None)  # `four` sent a moment ago, but into another batch
+            assert await until(shown(two_view, b"two-1")) < 1.0
+            assert recorder.calls == [["s1"]]
+
+    asyncio.run(main())
+
+
 def test_a_stream_with_a_frame_in_flight_is_not_waited_for():
     """A remote pool runs several batches at once: a stream whose frame is still out will not send before it
     returns (closed loop), so the next batch must not wait for it."""
