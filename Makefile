@@ -4,8 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 ARGS ?=
-# torch + torchvision as a matched pair (CPU-capable builds). Override on machines with other wheels.
-TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# Every install is held to constraints.txt: one pinned set of versions, shared with CI and the Modal images.
+INSTALL := $(PIP) install -c constraints.txt
+# torch + torchvision as a matched pair (versions from constraints.txt). Override on machines with other wheels.
+TORCH_PINS ?= torch torchvision
 # what the integration tests drive: a real OBS under Xvfb and a real headless Chromium
 APT_PACKAGES := obs-studio xvfb xauth chromium chromium-driver fonts-dejavu-core
 HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
@@ -17,17 +19,17 @@ $(BIN)/python:
 	$(PIP) install -q --upgrade pip
 
 # serve: the core and the OBS companion; the diffusion stack too when a CUDA GPU is present
-$(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
+$(VENV)/.serve-installed: pyproject.toml constraints.txt | $(BIN)/python
 ifeq ($(HAVE_GPU),1)
-	$(PIP) install -e '.[diffusion,obs]'
+	$(INSTALL) -e '.[diffusion,obs]'
 else
-	$(PIP) install -e '.[obs]'
+	$(INSTALL) -e '.[obs]'
 endif
 	touch $@
 
-$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(PIP) install $(TORCH_PINS)
-	$(PIP) install -e '.[diffusion,obs,modal,dev]'
+$(VENV)/.test-installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(INSTALL) $(TORCH_PINS)
+	$(INSTALL) -e '.[diffusion,obs,modal,dev]'
 	touch $@ $(VENV)/.serve-installed
 
 serve: $(VENV)/.serve-installed

@@ -101,30 +101,30 @@ app = modal.App(os.environ.get("DREAMSTREAM_MODAL_APP", "dreamstream"))
 # ## Images
 #
 # The gateway's image has the server's own dependencies and nothing else, so it starts in seconds;
-# the GPU image adds the diffusion stack on top. Versions are pinned to what the test suite runs.
-WEB_PACKAGES = [
-    "fastapi==0.165.0",
-    "uvicorn[standard]==0.54.0",
-    "websockets==17.4",
-    "jinja2==3.1.6",
-    "numpy==2.4.6",
-    "pillow==13.0.0",
-    "opencv-python-headless==5.0.0.93",
-    "simplejpeg==1.9.0",
-    "prometheus-client==0.26.0",
-]
-GPU_PACKAGES = [
-    "torch==2.14.1",
-    "torchvision==0.29.1",
-    "diffusers==0.42.1",
-    "transformers==5.24.0",
-    "accelerate==1.15.0",
-    "controlnet-aux==0.0.10",
-    "safetensors==0.8.0",
-    "huggingface-hub==2.4.0",
-    "hf-xet==1.8.0",  # the hub's fast transfer backend, for download_models
-    "tqdm==4.70.1",
-]
+# the GPU image adds the diffusion stack on top. Versions come from constraints.txt, the one pinned set
+# that `make serve`, `make test` and CI install too.
+def pinned(*names: str) -> list[str]:
+    """`name==version` for each name (extras kept: `uvicorn[standard]`), the version from constraints.txt."""
+    versions = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep and not line.startswith("#"):
+            versions[name.strip().lower().replace("_", "-")] = version.strip()
+    out = []
+    for name in names:
+        bare = name.split("[")[0].lower().replace("_", "-")
+        if bare not in versions:
+            raise RuntimeError(f"{bare} is not pinned in constraints.txt: add it (pip freeze) before deploying")
+        out.append(f"{name}=={versions[bare]}")
+    return out
+
+
+WEB_PACKAGES = pinned("fastapi", "uvicorn[standard]", "websockets", "jinja2", "numpy", "pillow",
+                      "opencv-python-headless", "simplejpeg", "prometheus-client")
+GPU_PACKAGES = pinned("torch", "torchvision", "diffusers", "transformers", "accelerate", "controlnet-aux",
+                      "safetensors", "huggingface-hub",
+                      "hf-xet",  # the hub's fast transfer backend, for download_models
+                      "tqdm")
 
 
 def _with_project(image: modal.Image) -> modal.Image:
