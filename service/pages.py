@@ -1,5 +1,8 @@
 """HTML pages: the studio, the viewer and the OBS overlays, rendered from Jinja templates in `overlays/`.
 
+The pages live in the `overlays` package (templates/ and static/, data only), found with importlib.resources so
+a wheel install serves them as a checkout does; DREAMSTREAM_OVERLAYS_DIR points at another copy instead.
+
 Every query value is checked here, before a template sees it. Values reach the page's JavaScript only
 as one JSON block (`{{ client|tojson }}` inside `<script type="application/json">`), never raw into a
 script, and a Content-Security-Policy that allows only our own script files makes any markup that did
@@ -9,6 +12,7 @@ visible at once, where a silent fallback would hide the typo.
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +28,25 @@ from service.config import PROCESSOR_TYPES, valid_stream_id
 if TYPE_CHECKING:
     from service.app import DreamStream
 
-OVERLAYS_DIR = Path(os.environ.get("DREAMSTREAM_OVERLAYS_DIR", Path(__file__).resolve().parent.parent / "overlays"))
+
+def _overlays_dir() -> Path:
+    """Where the templates and static files are: DREAMSTREAM_OVERLAYS_DIR, else the installed `overlays` package.
+
+    Beside the source tree as a last resort (an editable install made before `overlays` was a package,
+    or a deployment that copies the folders without installing)."""
+    override = os.environ.get("DREAMSTREAM_OVERLAYS_DIR")
+    if override:
+        return Path(override)
+    try:
+        found = importlib.resources.files("overlays")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "overlays"
+    if not isinstance(found, Path):  # e.g. a zip import: Jinja and StaticFiles need a real folder
+        raise RuntimeError(f"the overlays package must be installed as files on disk, found {found!r}")
+    return found
+
+
+OVERLAYS_DIR = _overlays_dir()
 
 FITS = ("cover", "contain", "fill")
 MAX_FADE_MS = 10_000
