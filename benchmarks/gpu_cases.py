@@ -10,42 +10,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from benchmarks import gpu_checks, gpu_plain
+from benchmarks.harness import PROMPT, Case, Run, summary, timed_median
 from service import codec
 from service.config import StreamConfig
 from service.processors import FrameRequest
 from service.processors.diffusion import steps_to_run
-
-if TYPE_CHECKING:
-    from benchmarks.gpu_processors import Run
-
-PROMPT = "Van Gogh style painting, swirling night sky"
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    kind: str  # device | frames | plain | memory | flops | equivalence | jpeg
-    resources: tuple[str, ...] = ()
-    processor: str = "lightning"
-    steps: int = 4
-    strength: float = 0.7
-    controlnet: bool = False
-    vae: str = "vae"  # vae | taesd
-    streams: int = 1
-    quick: bool = False
-    equivalent: bool = True  # False: an opt-in mode that changes the output (reported apart)
-    frames: int | None = None  # timed calls, when fewer than --frames will do (the slow eager path)
-
-    def fields(self) -> dict[str, Any]:
-        return {"processor": self.processor, "steps": self.steps, "strength": self.strength,
-                "run_steps": steps_to_run(self.steps, self.strength), "controlnet": self.controlnet,
-                "vae": self.vae, "streams": self.streams, "equivalent": self.equivalent,
-                "cfg": self.processor == "standard" and "nocfg" not in self.name}
 
 
 @dataclass(frozen=True)
@@ -223,7 +197,6 @@ def frames_case(run: Run, case: Case) -> dict[str, Any]:
     """`Engine.run` on `case.streams` streams' frames at once, timed as the server would see it."""
     import torch
 
-    from benchmarks.gpu_processors import summary, timed_median
     from service.engine import FrameJob
 
     loaded = run.get(case.resources[0])
@@ -258,8 +231,6 @@ def gpu_jpeg_case(run: Run, case: Case) -> dict[str, Any]:
     """Bytes -> nvJPEG decode -> the processor's own model calls -> nvJPEG encode -> bytes (a prototype)."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
-
-    from benchmarks.gpu_processors import summary, timed_median
 
     if not run.cuda:
         return {"note": "no CUDA device"}

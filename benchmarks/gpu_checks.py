@@ -4,17 +4,14 @@ FLOP and weight-byte counts (for the floors), equivalence of the fast path, memo
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from benchmarks.harness import Case, Run
 from service import codec
 from service.processors import FrameRequest
 from service.processors.diffusion import steps_to_run
-
-if TYPE_CHECKING:
-    from benchmarks.gpu_cases import Case
-    from benchmarks.gpu_processors import Run
 
 
 def _events_ms(fn: Any, warm: int, count: int) -> float:

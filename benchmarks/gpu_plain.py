@@ -12,13 +12,10 @@ import io
 import itertools
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from benchmarks.harness import PROMPT, Case, Run, summary, timed_median
 from service.processors.diffusion import steps_to_run
-
-if TYPE_CHECKING:
-    from benchmarks.gpu_cases import Case
-    from benchmarks.gpu_processors import Run
 
 
 @dataclass
@@ -51,10 +48,10 @@ def load(run: Run, key: str) -> Plain:
     if sdxl:
         from diffusers import StableDiffusionXLImg2ImgPipeline
 
-        from tests.tiny_models import LIGHTNING_FILES
+        from service.processors.lightning import CHECKPOINTS
 
         unet = UNet2DConditionModel.from_pretrained(str(paths["sdxl"]), subfolder="unet", torch_dtype=dtype)
-        unet.load_state_dict(load_file(str(paths["lightning"] / LIGHTNING_FILES[4])))  # the Lightning weights
+        unet.load_state_dict(load_file(str(paths["lightning"] / CHECKPOINTS[4])))  # the Lightning weights
         base = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(paths["sdxl"]), unet=unet, torch_dtype=dtype,
                                                                 add_watermarker=False)
     else:
@@ -102,9 +99,6 @@ def pipeline_for(plain: Plain, case: Case) -> Any:
 
 def plain_case(run: Run, case: Case) -> dict[str, Any]:
     from PIL import Image
-
-    from benchmarks.gpu_cases import PROMPT
-    from benchmarks.gpu_processors import summary, timed_median
 
     plain = run.get(case.resources[0])
     pipe = pipeline_for(plain, case)

@@ -23,145 +23,23 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import gc
 import json
 import logging
 import os
 import platform
-import statistics
+import shlex
+import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import gpu_cases  # noqa: E402
-from benchmarks.gpu_cases import Case  # noqa: E402
-from service import codec  # noqa: E402
+from benchmarks.harness import Case, Run, build_models, make_frames, progress  # noqa: E402
 
 log = logging.getLogger("gpu_processors")
-
-
-# --- inputs -----------------------------------------------------------------------------------------
-
-def make_frames(count: int, size: int) -> list[bytes]:
-    """Distinct JPEGs: a colour gradient, a few shapes and noise, each frame different."""
-    frames = []
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    for i in range(count):
-        rng = np.random.default_rng(1000 + i)
-        img = np.stack([x * 255, y * 255, (1 - x) * (0.5 + 0.5 * np.sin(8 * y + i)) * 255], -1)
-        for _ in range(4):
-            cx, cy, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.25)
-            img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
-        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
-        frames.append(codec.encode_jpeg(img, 90))
-    return frames
-
-
-# --- the run ----------------------------------------------------------------------------------------
-
-@dataclass
-class Run:
-    args: argparse.Namespace
-    paths: dict[str, Path]
-    frames: list[bytes]
-    results: dict[str, Any]
-    started: float = field(default_factory=time.monotonic)
-    loaded: dict[str, Any] = field(default_factory=dict)  # resource key -> engine / pipelines / processor
-    resident: dict[str, int] = field(default_factory=dict)  # resource key -> bytes it holds on the GPU
-    failed: dict[str, str] = field(default_factory=dict)  # resource key -> why it did not load
-
-    @property
-    def cuda(self) -> bool:
-        return self.args.device == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    def save(self) -> None:
-        out = Path(self.args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1, default=str))
-        tmp.replace(out)
-
-    def get(self, key: str) -> Any:
-        """A loaded resource (engine, pipeline set, bare processor), loading it on first use."""
-        if key in self.failed:
-            raise RuntimeError(f"{key} failed to load earlier: {self.failed[key]}")
-        if key not in self.loaded:
-            before = gpu_allocated()
-            started = time.monotonic()
-            progress(f"loading {key} ...")
-            try:
-                self.loaded[key] = gpu_cases.load_resource(self, key)
-            except Exception as exc:
-                self.failed[key] = f"{type(exc).__name__}: {exc}"
-                raise
-            self.resident[key] = gpu_allocated() - before
-            seconds = time.monotonic() - started
-            info = self.results.setdefault("loads", {}).setdefault(key, {})
-            info.update(seconds=round(seconds, 1), gpu_gb=round(self.resident[key] / 2**30, 2))
-            warm = getattr(self.loaded[key], "warmup_seconds", None)
-            if warm is not None:
-                info["warmup_compile_s"] = round(warm, 1)
-            progress(f"loaded {key} in {seconds:.0f} s ({self.resident[key] / 2**30:.1f} GB on the GPU)")
-        return self.loaded[key]
-
-    def release_unneeded(self, remaining: list[Case]) -> None:
-        needed = {key for case in remaining for key in case.resources}
-        for key in [k for k in self.loaded if k not in needed]:
-            del self.loaded[key]
-            self.resident.pop(key, None)
-            progress(f"released {key}")
-        gc.collect()
-        if self.cuda:
-            import torch
-
-            torch.cuda.empty_cache()
-
-
-def gpu_allocated() -> int:
-    import torch
-
-    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-
-
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def timed_median(fn: Callable[[], Any], warm: int, count: int, sync: Callable[[], None]) -> list[float]:
-    for _ in range(warm):
-        fn()
-    sync()
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def summary(times: list[float], frames_per_call: int = 1) -> dict[str, Any]:
-    ms = sorted(t * 1000 for t in times)
-    median = statistics.median(ms)
-    return {"median_ms": round(median, 2), "p10_ms": round(ms[len(ms) // 10], 2),
-            "p90_ms": round(ms[min(len(ms) - 1, len(ms) * 9 // 10)], 2), "runs": len(ms),
-            "fps_total": round(1000 * frames_per_call / median, 2), "fps_per_stream": round(1000 / median, 2)}
 
 
 def select(cases: list[Case], args: argparse.Namespace) -> list[Case]:
@@ -227,17 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     results.setdefault("meta", env)
     results["meta"].setdefault("calls", []).append({k: env[k] for k in ("date", "command", "torch")})
 
-    if args.tiny:
-        from tests.tiny_models import build_tiny_models
-
-        paths = build_tiny_models(Path(args.models))
+    if args.tiny:  # tests/tiny_models.py, run as a program (as gpu_server.py does): nothing here imports tests/
+        paths = build_models(args)
     else:
         from benchmarks.real_models import build_real_models
 
         progress(f"real-size models under {args.models} (built on first use, ~1 min)")
         paths = build_real_models(Path(args.models), device=args.device)
     os.environ["HF_HUB_OFFLINE"] = "1"
-    run = Run(args, paths, make_frames(8, args.size), results)
+    run = Run(args, paths, make_frames(8, args.size), results, gpu_cases.load_resource)
     todo = [c for c in cases if args.force or c.name not in results["cases"]
             or any(fnmatch.fnmatch(c.name, p) for p in args.rerun)]
     progress(f"{len(todo)} of {len(cases)} cases to run ({len(cases) - len(todo)} already in {resume})")
@@ -260,18 +136,22 @@ def main(argv: list[str] | None = None) -> int:
         run.save()
         run.release_unneeded(todo[i + 1:])
     run.save()
-    from benchmarks import gpu_report
-
-    gpu_report.report(results, Path(args.plot) if args.plot else Path(args.out).with_suffix(".png"))
+    # The report and the server are entry scripts of their own: run as programs, not imported.
+    here = Path(__file__).resolve().parent
+    png = args.plot or str(Path(args.out).with_suffix(".png"))
+    failures += run_script(here / "gpu_report.py", [args.out, "--plot", png])
     if args.server is not None:  # the real server next, with this run's engines released from the GPU
-        import shlex
-
-        from benchmarks import gpu_server
-
         run.release_unneeded([])
         forwarded = ["--models", args.models, "--device", args.device, *(["--tiny"] if args.tiny else [])]
-        failures += gpu_server.main([*forwarded, *shlex.split(args.server)])
+        failures += run_script(here / "gpu_server.py", [*forwarded, *shlex.split(args.server)])
     return 1 if failures else 0
+
+
+def run_script(script: Path, argv: list[str]) -> int:
+    """`python script argv...` in this directory and environment, its output here; 1 if it failed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return 1 if subprocess.run([sys.executable, str(script), *argv], check=False).returncode else 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import platform
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.gpu_processors import make_frames, progress  # noqa: E402
+from benchmarks.harness import build_models, free_port, make_frames, progress  # noqa: E402
 
 # name -> (serve flags after `--processor lightning`, tiny VAE, most streams)
 CONFIGS: dict[str, tuple[list[str], bool, int]] = {
@@ -60,12 +59,6 @@ RESEND_S = 2.0
 def http_get(url: str, timeout: float = 5.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return resp.read()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shell(*cmd: str) -> str | None:
@@ -459,17 +452,6 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def build_models(args: argparse.Namespace) -> dict[str, Path]:
-    """In a subprocess, so that this process holds no CUDA context while the servers are measured."""
-    module, keys = (("tests.tiny_models", "tiny_models"), ("benchmarks.real_models", "real_models"))[not args.tiny]
-    progress(f"models under {args.models} ({module}; built on first use)")
-    subprocess.run([sys.executable, "-m", module, args.models], cwd=REPO, check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                                                  os.environ.get("PYTHONPATH")]))})
-    manifest = json.loads((Path(args.models) / f"{keys}.json").read_text())
-    return {k: Path(v) for k, v in manifest["paths"].items()}
 
 
 def main(argv: list[str] | None = None) -> int:

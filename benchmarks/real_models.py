@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-from tests.tiny_models import LIGHTNING_FILES, _tokenizer, _write_tokenizer_files
-
 BUILD_VERSION = 3
 KEYS = ("sd15", "sd15_controlnet", "sdxl", "sdxl_controlnet", "lightning", "depth", "taesd", "taesdxl",
         "sdxl_vae_fp16")
@@ -49,6 +47,18 @@ def _log(msg: str) -> None:
     print(f"[real_models] {msg}", file=sys.stderr, flush=True)
 
 
+def _tokenizer(pad_token: str = "<|endoftext|>"):
+    """A CLIP tokenizer with no download: every printable ASCII character, alone and ending a word, and no
+    merges. Prompts get other ids than from CLIP's vocabulary, which random weights cannot tell apart, and are
+    padded to 77 tokens as CLIP's are: the text encoders do the same work."""
+    from transformers import CLIPTokenizer
+
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    tokens = [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], pad_token=pad_token,
+                         model_max_length=77)
+
+
 def _clip(tokenizer, with_projection: bool, **config):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -72,6 +82,8 @@ def build_real_models(root: Path, device: str = "cuda") -> dict[str, Path]:
         UNet2DConditionModel,
     )
 
+    from service.processors.lightning import CHECKPOINTS  # the file names of ByteDance's release
+
     root = Path(root)
     paths = {key: root / key for key in KEYS}
     manifest = root / "real_models.json"
@@ -80,8 +92,7 @@ def build_real_models(root: Path, device: str = "cuda") -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     started = time.monotonic()
-    _write_tokenizer_files(root / "_tokenizer")
-    tok, tok2 = _tokenizer(root / "_tokenizer"), _tokenizer(root / "_tokenizer", pad_token="!")
+    tok, tok2 = _tokenizer(), _tokenizer(pad_token="!")
     dtype = torch.float16
 
     with torch.device(device):
@@ -117,9 +128,9 @@ def build_real_models(root: Path, device: str = "cuda") -> dict[str, Path]:
         from safetensors.torch import save_file
 
         paths["lightning"].mkdir(parents=True, exist_ok=True)
-        first = paths["lightning"] / LIGHTNING_FILES[1]
+        first = paths["lightning"] / CHECKPOINTS[1]
         save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(first))
-        for steps, name in LIGHTNING_FILES.items():
+        for steps, name in CHECKPOINTS.items():
             if steps != 1 and not (paths["lightning"] / name).exists():
                 os.link(first, paths["lightning"] / name)
         del pipe, unet, vae

@@ -40,6 +40,7 @@ import websockets
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness import free_port  # noqa: E402
 from service import codec  # noqa: E402
 
 FPS = 30.0
@@ -142,12 +143,6 @@ async def _viewers(url: str, count: int, keys: dict[bytes, int], inbox, outbox) 
 
 
 # ---- one measurement -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(kind: str, port: int) -> subprocess.Popen:
