@@ -296,8 +296,8 @@ def stages(run: Run, proc: Any, case: Case) -> dict[str, float]:
             t = lap("steps", t)
             outputs = proc.decode(x)
             t = lap("vae_decode", t)
-        for out in outputs:
-            codec.encode_jpeg(np.asarray(out), 85)
+        for out in outputs:  # device tensors: copied to the host, as process_batch does
+            codec.encode_jpeg(out.cpu().numpy(), 85)
         lap("jpeg_encode", t)
     return {name: round(float(np.median(v[2:])), 2) for name, v in samples.items()}
 

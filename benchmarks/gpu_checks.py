@@ -125,7 +125,7 @@ def _path(proc: Any, request: FrameRequest) -> dict[str, Any]:
         model_in = ((latents + sigma * noise) / (sigma * sigma + 1) ** 0.5).to(proc.dtype)
         step = proc.denoise(model_in, schedule.timesteps[:1], cond, control).float()
         final = proc.sample(latents, noise, schedule, cond, control)
-        image = proc.decode(final)[0]
+        image = proc.decode(final)[0].cpu().numpy()  # (H, W, 3) uint8, as the engine encodes it
     return {"step": step.cpu(), "latents": final.float().cpu(), "image": image}
 
 
