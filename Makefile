@@ -12,7 +12,7 @@ TORCH_PINS ?= torch torchvision
 APT_PACKAGES := obs-studio xvfb xauth chromium chromium-driver fonts-dejavu-core
 HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: serve test system-deps lint bench clean
+.PHONY: serve test test-fast system-deps lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ system-deps:
 
 test: system-deps $(VENV)/.test-installed
 	$(BIN)/python -m pytest tests -q -rs $(ARGS)
+
+# the edit loop: everything but the minute-long load tests
+test-fast: system-deps $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q -rs -m "not slow" $(if $(ARGS),$(ARGS),tests)
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check service obs_plugin tests benchmarks examples modal_app.py
