@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from service.codec import pil_to_rgb, rgb_to_pil
+from service.config import LIGHTNING_STEPS
 
 log = logging.getLogger("dreamstream.processors")
 
@@ -27,6 +28,24 @@ class FrameRequest:
     num_steps: int = 25
     seed: int = 42
     use_controlnet: bool = True
+
+
+def check_settings(style_prompt: Any, strength: Any, num_steps: Any) -> None:
+    """The argument checks every processor makes (ValueError naming the argument); torch-free, so
+    `create_processor` runs them before importing a processor's module."""
+    if not isinstance(style_prompt, str):
+        raise ValueError("style_prompt must be a string")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+
+
+def check_lightning_steps(num_steps: int) -> None:
+    if num_steps not in LIGHTNING_STEPS:
+        raise ValueError(
+            f"num_steps must be 1, 2, 4 or 8 for the lightning processor (one distilled UNet each), got {num_steps!r}"
+        )
 
 
 class Processor(ABC):
@@ -49,13 +68,8 @@ class Processor(ABC):
         use_controlnet: bool = True,
         seed: int = 42,
     ) -> None:
-        if not isinstance(style_prompt, str):
-            raise ValueError("style_prompt must be a string")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-            raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
         num_steps = self.default_steps if num_steps is None else num_steps
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        check_settings(style_prompt, strength, num_steps)
         self.check_steps(num_steps)
         self.style_prompt = style_prompt
         self.strength = float(strength)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from service.config import LIGHTNING_STEPS
+from service.processors.base import check_lightning_steps
 from service.processors.diffusion import LRU, MODEL_OPTIONS, DiffusionProcessor, cast
 from service.processors.models import ModelSource, fetch_file, load_model
 
@@ -89,11 +89,7 @@ class LightningProcessor(DiffusionProcessor):
     upcast_vae = True
 
     def check_steps(self, num_steps: int) -> None:
-        if num_steps not in LIGHTNING_STEPS:
-            raise ValueError(
-                f"num_steps must be 1, 2, 4 or 8 for the lightning processor (one distilled UNet each), "
-                f"got {num_steps!r}"
-            )
+        check_lightning_steps(num_steps)
 
     def load_models(self) -> None:
         from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
