@@ -279,6 +279,26 @@ def test_missing_model_fails_fast_naming_option_and_env_var(tiny_env, kind, opti
     assert isinstance(info.value, RuntimeError)
 
 
+def test_every_missing_model_is_named_in_one_error(tiny_env, monkeypatch):
+    """A new user without weights should learn everything to fetch at once, not one model per try."""
+    monkeypatch.setenv("DREAMSTREAM_LIGHTNING_CONTROLNET_MODEL", "/nonexistent/controlnet")
+    start = time.monotonic()
+    with pytest.raises(ModelUnavailableError) as info:
+        create_processor("lightning", base_model="/nonexistent/sdxl", depth_model="dreamstream-tests/no-depth",
+                         **SIZE)
+    assert time.monotonic() - start < 30
+    message = str(info.value)
+    assert message.startswith("3 models are unavailable")
+    for option, env in (("base_model", "DREAMSTREAM_LIGHTNING_BASE_MODEL"),
+                        ("controlnet_model", "DREAMSTREAM_LIGHTNING_CONTROLNET_MODEL"),
+                        ("depth_model", "DREAMSTREAM_DEPTH_MODEL")):
+        assert option in message and env in message, message
+    # without the ControlNet, its models are not needed and not named
+    with pytest.raises(ModelUnavailableError) as info:
+        create_processor("lightning", base_model="/nonexistent/sdxl", use_controlnet=False, **SIZE)
+    assert "controlnet_model" not in str(info.value) and "base_model" in str(info.value)
+
+
 def test_lightning_folder_without_a_checkpoint(tiny_env, tmp_path):
     (tmp_path / "sdxl_lightning_4step_unet.safetensors").write_bytes(b"")
     with pytest.raises(ModelUnavailableError, match="sdxl_lightning_2step_unet.safetensors"):

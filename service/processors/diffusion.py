@@ -39,7 +39,13 @@ from service.processors import gpu_jpeg
 from service.processors.accel import CAPTURE_LOCK, Accelerator
 from service.processors.base import FrameRequest, Processor
 from service.processors.depth import load_depth_estimator
-from service.processors.models import ModelSource, load_model, model_source, resolve_device_dtype
+from service.processors.models import (
+    ModelSource,
+    check_available,
+    load_model,
+    model_source,
+    resolve_device_dtype,
+)
 
 log = logging.getLogger("dreamstream.processors")
 
@@ -162,6 +168,10 @@ class DiffusionProcessor(Processor):
         self._prompts: LRU = LRU(64)
         self._noise: LRU = LRU(64)
         self._schedules: dict[tuple[int, int], Schedule] = {}
+        # every model this processor loads now, checked together: one error names all that are missing
+        skip = ({"controlnet_model", "depth_model"} if not self.use_controlnet else set()) | (
+            {"vae_model"} if self.sources["tiny_vae"] is not None else set())
+        check_available([s for name, s in self.sources.items() if s is not None and name not in skip])
         self.accel = Accelerator.from_options(options.get("compile"), options.get("batch_sizes"), self.device)
         # nvJPEG: Engine hands this processor frames decoded on the GPU and encodes its output there
         self.gpu_jpeg = _flag(options, "gpu_jpeg", True) and gpu_jpeg.available(self.device)

@@ -160,6 +160,35 @@ def _check_reachable(source: ModelSource) -> None:
         raise source.unavailable(why)
 
 
+def _in_hub_cache(source: ModelSource) -> bool:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(source.value, local_files_only=True)
+        return True
+    except Exception:  # not cached (LocalEntryNotFoundError), or not a valid repo id
+        return False
+
+
+def check_available(sources: list[ModelSource]) -> None:
+    """Fail before loading anything when models certainly cannot load, naming every one of them: local paths that
+    do not exist, and hub ids that are neither cached nor downloadable (HF_HUB_OFFLINE). A hub id that may still
+    download is left to `load_model`, which asks the hub (seconds each)."""
+    missing = []
+    for source in sources:
+        if source.is_local:
+            continue
+        if source.looks_like_path:
+            missing.append(source.unavailable("no such file or directory"))
+        elif hub_offline() and not _in_hub_cache(source):
+            missing.append(source.unavailable(
+                "it is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading"))
+    if len(missing) == 1:
+        raise missing[0]
+    if missing:
+        raise ModelUnavailableError(f"{len(missing)} models are unavailable:\n" + "\n".join(f"- {m}" for m in missing))
+
+
 _LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError)
 
 
