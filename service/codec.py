@@ -19,6 +19,7 @@ from PIL import Image
 
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_SIDE = 4096
+DEFAULT_QUALITY = 85  # JPEG quality of styled frames (the server's Settings.jpeg_quality defaults to it too)
 _DATA_URL_RE = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 
 
@@ -170,7 +171,11 @@ def _webp_size(data: bytes) -> tuple[int, int]:
 
 def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
     """Encoded image -> RGB uint8 array (H, W, 3), after the limit checks of `probe`."""
-    info = probe(data, max_bytes, max_side)
+    return decode_probed(data, probe(data, max_bytes, max_side))
+
+
+def decode_probed(data: bytes, info: FrameInfo) -> np.ndarray:
+    """`decode` for a frame whose header `probe` has already checked (its `info`): the header is not walked twice."""
     try:
         if info.format == "jpeg":
             try:
@@ -185,7 +190,7 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_side: int = DEFA
         raise FrameError("bad_frame", "frame could not be decoded (truncated or corrupt image)") from None
 
 
-def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
+def encode_jpeg(rgb: np.ndarray, quality: int = DEFAULT_QUALITY) -> bytes:
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB", colorsubsampling="420")
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from service import codec
+from service.engine import style_to_jpeg
 from service.processors import IdentityProcessor, Processor, create_processor
 from service.processors.base import FrameRequest
 from service.processors.models import ModelUnavailableError
@@ -132,16 +133,12 @@ async def _styled_jpeg(processor: Processor, request: FrameRequest, data: bytes)
 
     def run() -> bytes:
         with lock:
-            if not processor.gpu_jpeg:
-                return codec.encode_jpeg(processor.process_batch([request])[0])
-            from service.processors import gpu_jpeg
-
             ready = request
-            if request.image is None:
-                try:
-                    ready = dataclasses.replace(request, image=gpu_jpeg.decode([data], processor.device)[0])
-                except Exception:  # nvJPEG refused it: the CPU decoder is the reference
-                    ready = dataclasses.replace(request, image=codec.decode(data))
-            return gpu_jpeg.encode(processor.process_batch_on_device([ready]), 85)[0]
+            if request.image is None:  # left for nvJPEG by `_decode`; the CPU decoder if nvJPEG refuses it
+                from service.processors import gpu_jpeg
+
+                image = gpu_jpeg.decode_or_none([data], processor.device)[0]
+                ready = dataclasses.replace(request, image=codec.decode(data) if image is None else image)
+            return style_to_jpeg(processor, [ready], codec.DEFAULT_QUALITY)[0]
 
     return await asyncio.to_thread(run)

@@ -40,6 +40,16 @@ class ProcessorLoadError(RuntimeError):
     pass
 
 
+def style_to_jpeg(proc: Processor, requests: list[FrameRequest], quality: int) -> list[bytes]:
+    """The processor's styled frames as JPEG: encoded on its GPU (nvJPEG) when it says `gpu_jpeg`, else on the CPU.
+    The server's Engine and the Python API both end here."""
+    if proc.gpu_jpeg:
+        from service.processors import gpu_jpeg  # imports torch: only reached when a processor runs on CUDA
+
+        return gpu_jpeg.encode(proc.process_batch_on_device(requests), quality)
+    return [codec.encode_jpeg(np.asarray(out), quality) for out in proc.process_batch(requests)]
+
+
 @dataclass
 class Prepared:
     """A batch between `Engine.prepare` (CPU decoding) and `Engine.run_prepared` (GPU decoding, styling, encoding)."""
@@ -109,7 +119,7 @@ class Engine:
                 proc = self.processors.get(job.config.processor_type)
                 if info.gpu_decodable and proc is not None and proc.gpu_jpeg:
                     continue  # decoded on the GPU, batched, in run_prepared
-                prepared.images[i] = codec.decode(job.data, self.max_frame_bytes, self.max_frame_side)
+                prepared.images[i] = codec.decode_probed(job.data, info)
             except codec.FrameError as exc:
                 prepared.results[i] = exc
         return prepared
@@ -154,11 +164,7 @@ class Engine:
         for i in indices:
             by_device[self.processors[prepared.jobs[i].config.processor_type].device].append(i)
         for device, members in by_device.items():
-            try:
-                images = gpu_jpeg.decode([prepared.jobs[i].data for i in members], device)
-            except Exception as exc:
-                log.warning("nvJPEG could not decode a batch of %d (%s); decoding it on the CPU", len(members), exc)
-                images = [None] * len(members)
+            images = gpu_jpeg.decode_or_none([prepared.jobs[i].data for i in members], device)
             for i, image in zip(members, images, strict=True):
                 if image is None:
                     try:
@@ -174,14 +180,7 @@ class Engine:
         """One processor call for the group; if it fails, one call per frame, so only the frames that
         really fail (one stream's, or a batch too big for the GPU) get `processing_failed`."""
         try:
-            proc = self.processor(processor_type)
-            requests = [req for _, req in items]
-            if proc.gpu_jpeg:
-                from service.processors import gpu_jpeg
-
-                jpegs = gpu_jpeg.encode(proc.process_batch_on_device(requests), self.jpeg_quality)
-            else:
-                jpegs = [codec.encode_jpeg(np.asarray(out), self.jpeg_quality) for out in proc.process_batch(requests)]
+            jpegs = style_to_jpeg(self.processor(processor_type), [req for _, req in items], self.jpeg_quality)
             return [(i, jpeg) for (i, _), jpeg in zip(items, jpegs, strict=True)]
         except Exception as exc:  # a processor failure fails its frames, not the server
             if isinstance(exc, ProcessorLoadError):

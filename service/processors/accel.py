@@ -23,8 +23,8 @@ Why it is built this way:
 - A streamer should not wait minutes for inductor. `full` is the fastest variant (the SDXL UNet step
   ~16% faster than `regional` on an H100) but costs ~2 min of compiling per shape on a cold cache, so
   it is built while the server already serves from eager-kernel graphs (captured in seconds): the
-  `Optimiser` thread compiles one shape after the other (batch 1 of the stream's default ControlNet
-  setting first; `dynamic=None`, so the second batch size compiles a graph with a symbolic batch that
+  optimiser thread (`Accelerator._optimise`) compiles one shape after the other (batch 1 of the stream's
+  default ControlNet setting first; `dynamic=None`, so the second batch size compiles a graph with a symbolic batch that
   serves every larger size too), captures its graph in a pool of its own, and publishes it. The serving
   thread picks the compiled graph up at its next call, and once every shape is compiled it drops the
   eager graphs and their memory. Progress is in the log, in `progress()` (shown by /healthz) and

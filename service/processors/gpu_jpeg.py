@@ -48,6 +48,15 @@ def decode(datas: list[bytes], device: torch.device | str) -> list[torch.Tensor]
     return [image.permute(1, 2, 0) for image in images]
 
 
+def decode_or_none(datas: list[bytes], device: torch.device | str) -> list[torch.Tensor | None]:
+    """`decode`, or None for every frame when nvJPEG refuses the batch: the caller decodes those on the CPU."""
+    try:
+        return list(decode(datas, device))
+    except Exception as exc:
+        log.warning("nvJPEG could not decode a batch of %d (%s); decoding it on the CPU", len(datas), exc)
+        return [None] * len(datas)
+
+
 def encode(images: list[torch.Tensor] | torch.Tensor, quality: int) -> list[bytes]:
     """RGB uint8 images (H, W, 3) on a CUDA device -> JPEG bytes, one batched nvJPEG call."""
     io = _io()

@@ -160,6 +160,10 @@ def _check_reachable(source: ModelSource) -> None:
         raise source.unavailable(why)
 
 
+NO_SUCH_PATH = "no such file or directory"
+OFFLINE_NOT_CACHED = "it is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading"
+
+
 def _in_hub_cache(source: ModelSource) -> bool:
     from huggingface_hub import snapshot_download
 
@@ -179,10 +183,9 @@ def check_available(sources: list[ModelSource]) -> None:
         if source.is_local:
             continue
         if source.looks_like_path:
-            missing.append(source.unavailable("no such file or directory"))
+            missing.append(source.unavailable(NO_SUCH_PATH))
         elif hub_offline() and not _in_hub_cache(source):
-            missing.append(source.unavailable(
-                "it is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading"))
+            missing.append(source.unavailable(OFFLINE_NOT_CACHED))
     if len(missing) == 1:
         raise missing[0]
     if missing:
@@ -205,7 +208,7 @@ def load_model(source: ModelSource, loader: Callable[[str, bool], T], what: str 
         except _LOAD_ERRORS as exc:
             raise source.unavailable(f"the local path is incomplete or not a {what or 'model'} ({exc})") from exc
     if source.looks_like_path:
-        raise source.unavailable("no such file or directory")
+        raise source.unavailable(NO_SUCH_PATH)
     try:
         model = loader(source.value, True)
         log.info("%s: loaded %s from the Hugging Face cache", label, source.describe())
@@ -213,7 +216,7 @@ def load_model(source: ModelSource, loader: Callable[[str, bool], T], what: str 
     except _LOAD_ERRORS:
         pass
     if hub_offline():
-        raise source.unavailable("it is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading")
+        raise source.unavailable(OFFLINE_NOT_CACHED)
     _check_reachable(source)
     log.info("%s: downloading %s from the Hugging Face hub (progress below)", label, source.describe())
     try:
