@@ -139,9 +139,9 @@ def test_compare_example_writes_its_image(tiny_env, tmp_path):
         cwd=ROOT, env={**os.environ, **tiny_env}, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "standard: " in proc.stdout and "lightning: " in proc.stdout and "ms/frame" in proc.stdout
+    assert "standard: " in proc.stdout and "lightning: " in proc.stdout and "filter: " in proc.stdout
     with Image.open(out) as sheet:
-        assert sheet.width == 3 * 128 and sheet.height > 128
+        assert sheet.width == 4 * 128 and sheet.height > 128  # original | standard | lightning | filter
 
 
 def test_compare_example_shows_a_processor_that_failed(tiny_env, tmp_path, monkeypatch, capsys):
@@ -158,4 +158,4 @@ def test_compare_example_shows_a_processor_that_failed(tiny_env, tmp_path, monke
                                     "--height", "64", "--standard-steps", "2"]) == 0
     printed = capsys.readouterr().out
     assert "lightning failed: ModelUnavailableError" in printed and "standard: " in printed
-    assert Image.open(out).size[0] == 3 * 64
+    assert Image.open(out).size[0] == 4 * 64
