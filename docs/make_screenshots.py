@@ -1,11 +1,13 @@
-"""Regenerate the README screenshots in docs/images/: overlay.png, compare.png, studio.png.
+"""Regenerate the README screenshots in docs/images/: overlay.png, compare.png, studio.png, dock.png.
 
     .venv/bin/python docs/make_screenshots.py [--out docs/images]
 
 Runs a real server with the CPU `filter` processor, a synthetic test scene as the source (pushed by
 a Python broadcaster, and as Chromium's fake camera for the studio), and the same headless Chromium
 the browser tests use (tests/browser.py). The overlay is shown over a checkerboard, the usual way to
-picture transparency. Each PNG is shrunk to stay well under 300 KB.
+picture transparency. The studio is shot at 1280x800 as the browser shows it (no scrolling: the prompt must
+be beside the preview), the dock at 350x700, a usual width for an OBS dock. Each PNG is shrunk to stay well
+under 300 KB.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from tests.browser import FramePusher, launch_chromium, open_page, wait_for_fram
 from tests.helpers import running_server  # noqa: E402
 
 MAX_BYTES = 300_000
+STUDIO_VIEWPORT = {"width": 1280, "height": 800}
+DOCK_VIEWPORT = {"width": 350, "height": 700}
 
 
 def scene(w: int, h: int, t: float = 0.0) -> np.ndarray:
@@ -126,12 +130,17 @@ def main() -> int:
                 time.sleep(0.5)
                 save(page.screenshot(), args.out / "compare.png", 1200)
 
-            viewport = {"width": 1400, "height": 900}
-            with open_page(browser, f"{srv.http}/?stream=studio-demo&autostart=1", viewport) as page:
+            with open_page(browser, f"{srv.http}/?stream=studio-demo&autostart=1", STUDIO_VIEWPORT) as page:
                 wait_for_frames(page, "#preview", at_least=30, timeout_ms=30_000)
                 page.click("#presets button[data-prompt='cartoon, comic book style']")
                 time.sleep(2.5)  # new style on screen, stats settled
-                save(page.screenshot(full_page=True), args.out / "studio.png", 1200)
+                save(page.screenshot(), args.out / "studio.png", STUDIO_VIEWPORT["width"])
+
+                with open_page(browser, f"{srv.http}/dock/studio-demo", DOCK_VIEWPORT) as dock:
+                    wait_for_frames(dock, "#preview", at_least=10, timeout_ms=20_000)
+                    dock.click("#presets button[data-prompt='pencil sketch']")
+                    time.sleep(2.5)
+                    save(dock.screenshot(full_page=True), args.out / "dock.png", DOCK_VIEWPORT["width"])
     return 0
 
 

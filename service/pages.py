@@ -1,4 +1,4 @@
-"""HTML pages: the studio, the viewer and the OBS overlays, rendered from Jinja templates in `overlays/`.
+"""HTML pages: the studio, the OBS dock, the viewer and the OBS overlays, rendered from Jinja templates in `overlays/`.
 
 The pages live in the `overlays` package (templates/ and static/, data only), found with importlib.resources so
 a wheel install serves them as a checkout does; DREAMSTREAM_OVERLAYS_DIR points at another copy instead.
@@ -51,6 +51,17 @@ OVERLAYS_DIR = _overlays_dir()
 FITS = ("cover", "contain", "fill")
 MAX_FADE_MS = 10_000
 MAX_TOKEN_CHARS = 512
+# Processors a user may pick. `identity` (frames pass through untouched) is for tests and benchmarks: a
+# page lists it only while a stream already uses it, so the control still shows the truth.
+OFFERED_PROCESSORS = tuple(p for p in PROCESSOR_TYPES if p != "identity")
+# One-click styles, shown by the studio and the dock: (label, prompt)
+PRESETS = (
+    ("Van Gogh", "Van Gogh style painting"),
+    ("watercolor", "Monet-style watercolor"),
+    ("cartoon", "cartoon, comic book style"),
+    ("pencil sketch", "pencil sketch"),
+    ("noir", "film noir, black and white"),
+)
 STREAM_ID_RULE = "1-64 characters of A-Z a-z 0-9 _ -"
 
 # Our own scripts only; styles may be inline because OBS injects a browser source's "Custom CSS" as a
@@ -105,11 +116,16 @@ def _fade_ms(request: Request) -> int:
     return int(raw)
 
 
+def _secret(request: Request, name: str) -> str:
+    """A viewer token or stream key from the query: passed to the page as data, only its length checked."""
+    value = request.query_params.get(name, "")
+    if len(value) > MAX_TOKEN_CHARS:
+        raise BadQuery(f"{name} must be at most {MAX_TOKEN_CHARS} characters")
+    return value
+
+
 def _token(request: Request) -> str:
-    token = request.query_params.get("token", "")
-    if len(token) > MAX_TOKEN_CHARS:
-        raise BadQuery(f"token must be at most {MAX_TOKEN_CHARS} characters")
-    return token
+    return _secret(request, "token")
 
 
 def _stream_id(stream_id: str) -> str:
@@ -119,17 +135,20 @@ def _stream_id(stream_id: str) -> str:
 
 
 def _server_info(ds: DreamStream) -> dict[str, Any]:
-    """What the pages show about the processor: which one, on what device, and why it was chosen."""
-    info = ds.backend.describe()
+    """What the control pages show about the server: its default processor, on what device and why, which
+    processors it can run (`processor_states`, /healthz's `processors`, None from a server without them),
+    and whether it wants a stream key and a viewer token."""
     health = ds.health()
     return {
-        "processor": info["processor"],
-        "device": info["device"],
-        "reason": info["reason"],
+        "processor": health["processor"],
+        "device": health["device"],
+        "reason": health.get("reason") or "",
         "status": health["status"],
         "error": health.get("error"),
         "config": ds.default_config.to_dict(),
-        "processors": list(PROCESSOR_TYPES),
+        "processors": list(OFFERED_PROCESSORS),
+        "processor_states": health.get("processors"),
+        "presets": [{"label": label, "prompt": prompt} for label, prompt in PRESETS],
         "needs_key": ds.settings.keys_enabled,
         "needs_token": ds.settings.viewer_token is not None,
     }
@@ -189,7 +208,11 @@ def register_pages(app: FastAPI, ds: DreamStream) -> None:
     def compare_options(request: Request) -> dict[str, Any]:
         return {"debug": _flag(request, "debug"), "token": _token(request)}
 
+    def dock_options(request: Request) -> dict[str, Any]:
+        return {"token": _token(request), "key": _secret(request, "key"), **_server_info(ds)}
+
     html = {"response_class": HTMLResponse}
     app.get("/view/{stream_id}", **html)(stream_page("viewer.html", viewer_options))
     app.get("/overlay/{stream_id}", **html)(stream_page("overlay.html", overlay_options))
     app.get("/overlay/{stream_id}/compare", **html)(stream_page("compare.html", compare_options))
+    app.get("/dock/{stream_id}", **html)(stream_page("dock.html", dock_options))

@@ -1,5 +1,6 @@
 // /overlay/{id}: the styled stream for an OBS Browser Source. The page is transparent; the frame is
 // shown only while the stream is live, and the debug HUD (debug=1) says why when it is not.
+import { HealthPoller, processorText } from "./processors.js";
 import { LiveView, fmt, onObsActiveChange, pageConfig, setText } from "./stream.js";
 
 const cfg = pageConfig();
@@ -24,16 +25,25 @@ window.dreamstream = { view }; // for tests and the browser console
 const hud = document.getElementById("hud");
 if (hud) {
   const field = (name) => hud.querySelector(`[data-hud="${name}"]`);
-  const [state, fps, latency, server, size, reconnects] = ["state", "fps", "latency", "server", "size", "reconnects"].map(field);
+  const [state, fps, latency, server, size, reconnects, processor] = [
+    "state", "fps", "latency", "server", "size", "reconnects", "processor",
+  ].map(field);
+  // the stream's processor, and whether it is still loading (model download, compile): from /healthz
+  const health = new HealthPoller(() => {});
+  health.start();
   setInterval(() => {
     setText(state, linkText(view));
+    const live = view.feed.socket.link === "open" && view.state === "live";
     state.dataset.state = view.feed.socket.link === "open" ? view.state : view.feed.socket.link;
     setText(fps, fmt(view.fps));
-    setText(latency, view.latencyMs == null ? "–" : `${Math.round(view.latencyMs)} ms`);
+    // while reconnecting or offline, the last numbers would be stale: show none
+    setText(latency, live && view.latencyMs != null ? `${Math.round(view.latencyMs)} ms` : "–");
     const f = view.lastFrame;
-    setText(server, f && f.latencyMs != null ? `${Math.round(f.latencyMs)} ms` : "–");
+    setText(server, live && f && f.latencyMs != null ? `${Math.round(f.latencyMs)} ms` : "–");
     setText(size, f ? `${f.width}×${f.height} #${f.seq ?? view.frames}` : "–");
     setText(reconnects, String(view.feed.socket.reconnects));
+    const type = view.feed.status && view.feed.status.config ? view.feed.status.config.processor_type : "";
+    setText(processor, type ? processorText(type, health.states) || type : "–");
   }, 250);
 }
 

@@ -354,6 +354,7 @@ export class LiveView {
 
   _onStatus(msg) {
     if (this.state !== "live") {
+      this.latencyMs = null; // a number from before the stream stopped (or the socket closed) is not news
       // let the page fade the last frame out, then forget it so a restart never flashes it again
       clearTimeout(this._clearTimer);
       this._clearTimer = setTimeout(() => {

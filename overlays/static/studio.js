@@ -1,11 +1,15 @@
-// The studio: camera or screen (capture.js) -> /ws/broadcaster/{id}, live style controls sent as
-// `config` messages, and the styled result from /ws/viewer/{id} in the preview (stream.js).
+// The studio: camera or screen (capture.js) -> /ws/broadcaster/{id}, the style controls (style.js)
+// sent as `config` messages, and the styled result from /ws/viewer/{id} in the large preview
+// (stream.js), with the camera as a picture-in-picture.
 //
 // A frame is captured only when the previous one has left the socket (bufferedAmount == 0), so on a
 // slow uplink frames are held back at the source instead of piling up in the browser.
 import { Capture, listCameras } from "./capture.js";
+import { Alerts, MessageLog } from "./notices.js";
+import { HealthPoller, processorText } from "./processors.js";
 import { ReconnectingSocket, pageUrl, socketUrl } from "./socket.js";
 import { LiveView, fmt, pageConfig, setText } from "./stream.js";
+import { StyleControls } from "./style.js";
 
 const cfg = pageConfig();
 const $ = (id) => document.getElementById(id);
@@ -23,44 +27,88 @@ const ui = {
   stop: $("stop"),
   link: $("link"),
   video: $("source"),
-  prompt: $("prompt"),
-  strength: $("strength"),
-  strengthValue: $("strength-value"),
-  steps: $("steps"),
-  processor: $("processor"),
-  controlnet: $("controlnet"),
+  previewBox: $("preview-box"),
   previewState: $("preview-state"),
-  messages: $("messages"),
+  previewBadge: $("preview-badge"),
+  snapshot: $("snapshot"),
+  fullscreen: $("fullscreen"),
 };
 
-// ---- messages shown to the user ------------------------------------------------------------
-
-function say(level, text) {
-  const li = document.createElement("li");
-  li.className = level;
-  const time = document.createElement("time");
-  time.textContent = new Date().toLocaleTimeString();
-  li.append(time, " ", text); // text nodes: server messages are never parsed as HTML
-  ui.messages.prepend(li);
-  while (ui.messages.children.length > 20) ui.messages.lastChild.remove();
-  (level === "error" ? console.warn : console.info)(`dreamstream: ${text}`);
-}
-
+const log = new MessageLog($("messages"));
+const say = (level, text) => log.say(level, text);
+const alerts = new Alerts($("alerts"));
 const streamId = () => ui.streamId.value.trim();
 const key = () => ui.key.value;
 const token = () => ui.token.value;
 
+// ---- the stream's processor, and what the server can run ---------------------------------------
+
+let streamConfig = { ...cfg.config }; // what the stream uses, from the server's last word on it
+const health = new HealthPoller(renderHealth, { states: cfg.processor_states });
+
+/** The header and the preview badge follow the stream's processor (not the server's default). */
+function showStreamConfig(config) {
+  if (!config) return;
+  streamConfig = { ...config };
+  style.adopt(config);
+  renderProcessorState();
+}
+
+function renderProcessorState() {
+  const type = streamConfig.processor_type;
+  const note = processorText(type, health.states);
+  setText($("stream-processor"), type);
+  setText($("stream-processor-state"), note ? `· ${note}` : "");
+  setText(ui.previewBadge, note);
+  ui.previewBadge.hidden = !note;
+}
+
+function renderHealth(h) {
+  const badge = $("server-status");
+  if (!h) {
+    badge.dataset.state = "error";
+    setText(badge, "unreachable");
+    return;
+  }
+  // compile=full serves at once and compiles faster kernels in the background: say so ("optimising 3/8")
+  const opt = h.optimise;
+  const optimising = h.status === "ok" && opt && opt.state === "running";
+  setText(badge, optimising ? `ok · optimising ${opt.done}/${opt.total}` : h.status);
+  badge.dataset.state = h.status;
+  badge.title = opt ? `compile=${opt.mode}: ${opt.state} ${opt.done}/${opt.total}` : "";
+  setText($("processor-name"), h.processor);
+  setText($("processor-device"), h.device);
+  setText($("processor-reason"), h.reason || "");
+  setText($("processor-error"), h.error || "");
+  style.setStates(health.states);
+  renderProcessorState();
+}
+
+// ---- the style controls -> `config` messages -----------------------------------------------------
+
+const style = new StyleControls({
+  config: cfg.config,
+  offered: cfg.processors,
+  say,
+  // while not connected the changes wait, and go out when the server says `ready`
+  send: (changes) => broadcaster.send(JSON.stringify({ type: "config", ...changes })),
+});
+
 // ---- the styled preview (the same viewer code as the overlay) --------------------------------
 
-const preview = new LiveView($("preview"), { streamId: streamId(), token: token() }, { fit: "contain" }).start();
+const preview = new LiveView(
+  $("preview"),
+  { streamId: streamId(), token: token() },
+  { fit: "contain" },
+  // every change of the stream's config (from here, the dock, a Stream Deck) reaches viewers as `status`
+  { status: (msg) => msg && showStreamConfig(msg.config) },
+).start();
 
 // ---- the broadcaster socket --------------------------------------------------------------------
 
 let lastStats = null;
 let rttMs = null;
 let pingSentAt = 0;
-let serverConfig = { ...cfg.config };
-const dirty = new Set(); // controls changed since the server last told us its config
 
 const broadcaster = new ReconnectingSocket(
   () => socketUrl(`/ws/broadcaster/${encodeURIComponent(streamId())}`, { key: key() }),
@@ -70,11 +118,20 @@ const broadcaster = new ReconnectingSocket(
       lastStats = null;
       if (event.code === 4000) {
         stopCapture(`another broadcaster took over stream "${streamId()}"; stopped here`);
+        alerts.show("broadcaster", "warn", `Another broadcaster took over stream "${streamId()}": this page stopped sending.`);
         return false;
       }
       if (event.code === 1008) {
-        const hint = /key/.test(event.reason) ? " Enter the stream key and start again." : "";
-        stopCapture(`the server refused this broadcaster: ${event.reason}.${hint}`, "error");
+        const keyProblem = /key/.test(event.reason);
+        stopCapture(`the server refused this broadcaster: ${event.reason}`, "error");
+        alerts.show(
+          "broadcaster",
+          "error",
+          keyProblem
+            ? `The server refused the stream key for "${streamId()}" (${event.reason}). Enter the stream key under Source, then press Start camera again.`
+            : `The server refused this broadcaster: ${event.reason}.`,
+        );
+        if (keyProblem) ui.key.focus();
         return false;
       }
       if (capture.active) say("warn", `connection lost (code ${event.code}); reconnecting…`);
@@ -95,14 +152,18 @@ function onServerMessage(data) {
   }
   switch (msg.type) {
     case "ready":
+      alerts.clear("broadcaster");
       say("info", `connected: broadcasting stream "${msg.stream_id}"`);
-      if (dirty.size) sendConfig();
-      else adoptConfig(msg.config);
+      showStreamConfig(msg.config);
+      style.flush(); // changes made while connecting
       break;
     case "config":
-      dirty.clear();
-      adoptConfig(msg.config);
+      style.accepted(msg.config);
+      showStreamConfig(msg.config);
+      alerts.clear("config");
+      alerts.clear("processing");
       say("info", `style: "${msg.config.prompt}", strength ${msg.config.strength}, ${msg.config.num_steps} steps, ${msg.config.processor_type}`);
+      health.poll(); // a switch may start loading a processor: show its progress soon
       break;
     case "stats":
       lastStats = msg;
@@ -113,8 +174,10 @@ function onServerMessage(data) {
     case "error":
       say("error", `${msg.code}: ${msg.message}`);
       if (msg.code === "bad_config") {
-        dirty.clear();
-        adoptConfig(serverConfig); // show what the stream really uses
+        style.refused(); // show what the stream really uses
+        alerts.show("config", "error", `Not changed: ${msg.message}. The stream goes on with ${streamConfig.processor_type}.`);
+      } else if (msg.code === "processing_failed") {
+        alerts.show("processing", "error", `The ${streamConfig.processor_type} processor failed: ${msg.message}`);
       }
       break;
     default:
@@ -132,72 +195,6 @@ function renderLink(link) {
   }[link];
   setText(ui.link, text || link);
   ui.link.dataset.state = link === "stopped" ? "idle" : link;
-}
-
-// ---- style controls -> `config` messages ------------------------------------------------------
-
-const CONTROLS = {
-  prompt: () => ui.prompt.value,
-  strength: () => Number(ui.strength.value),
-  num_steps: () => Number.parseInt(ui.steps.value, 10),
-  processor_type: () => ui.processor.value,
-  use_controlnet: () => ui.controlnet.checked,
-};
-
-function adoptConfig(config) {
-  if (!config) return;
-  serverConfig = { ...config };
-  if (!dirty.has("prompt") && document.activeElement !== ui.prompt) ui.prompt.value = config.prompt;
-  if (!dirty.has("strength")) ui.strength.value = config.strength;
-  if (!dirty.has("num_steps")) ui.steps.value = config.num_steps;
-  if (!dirty.has("processor_type")) ui.processor.value = config.processor_type;
-  if (!dirty.has("use_controlnet")) ui.controlnet.checked = !!config.use_controlnet;
-  ui.strengthValue.value = Number(ui.strength.value).toFixed(2);
-}
-
-/** Send what changed; while not connected it waits and goes out when the server says `ready`. */
-function sendConfig() {
-  if (!dirty.size || !broadcaster.isOpen) return;
-  const message = { type: "config" };
-  for (const name of dirty) message[name] = CONTROLS[name]();
-  if (Number.isNaN(message.num_steps)) {
-    say("error", "steps must be a whole number");
-    return;
-  }
-  broadcaster.send(JSON.stringify(message));
-}
-
-function debounce(fn, ms) {
-  let timer = null;
-  return () => {
-    clearTimeout(timer);
-    timer = setTimeout(fn, ms);
-  };
-}
-
-const sendSoon = debounce(sendConfig, 250);
-
-function watch(input, name, event, immediate) {
-  input.addEventListener(event, () => {
-    dirty.add(name);
-    if (immediate) sendConfig();
-    else sendSoon();
-  });
-}
-watch(ui.prompt, "prompt", "input", false);
-watch(ui.strength, "strength", "input", false);
-watch(ui.steps, "num_steps", "change", true);
-watch(ui.processor, "processor_type", "change", true);
-watch(ui.controlnet, "use_controlnet", "change", true);
-ui.strength.addEventListener("input", () => {
-  ui.strengthValue.value = Number(ui.strength.value).toFixed(2);
-});
-for (const button of document.querySelectorAll("#presets button")) {
-  button.addEventListener("click", () => {
-    ui.prompt.value = button.dataset.prompt;
-    dirty.add("prompt");
-    sendConfig();
-  });
 }
 
 // ---- capture ---------------------------------------------------------------------------------
@@ -225,12 +222,15 @@ async function start(kind) {
   }
   try {
     const label = kind === "camera" ? await capture.camera(ui.camera.value) : await capture.screen();
-    say("info", `sending the ${kind} (${label})`);
+    say("info", `sending the ${kind} (${label}; frames taken by ${capture.method})`);
+    alerts.clear("capture");
   } catch (err) {
     say("error", err.message);
+    alerts.show("capture", "error", err.message);
     return;
   }
   ui.stop.disabled = false;
+  ui.video.hidden = false;
   broadcaster.start();
   if (kind === "camera") await fillCameraList();
 }
@@ -239,6 +239,7 @@ function stopCapture(why, level = "info") {
   capture.stop();
   broadcaster.stop();
   ui.stop.disabled = true;
+  ui.video.hidden = true;
   if (why) say(level, why);
 }
 
@@ -278,13 +279,15 @@ function onStreamChanged() {
 ui.streamId.addEventListener("change", onStreamChanged);
 ui.key.addEventListener("change", () => {
   if (capture.active) broadcaster.restart();
+  renderLinks();
 });
 ui.token.addEventListener("change", () => {
+  alerts.clear("token");
   preview.retarget({ token: token() });
   renderLinks();
 });
 
-// ---- links to the viewer, overlay and compare pages ----------------------------------------------
+// ---- links to the viewer, overlay, dock and compare pages ----------------------------------------
 
 function renderLinks() {
   const id = encodeURIComponent(streamId());
@@ -297,6 +300,7 @@ function renderLinks() {
       debug: $("overlay-debug").checked ? 1 : "",
       token: token(),
     }),
+    dock: pageUrl(`/dock/${id}`, { token: token(), key: key() }),
     compare: pageUrl(`/overlay/${id}/compare`, { token: token() }),
   };
   for (const [name, url] of Object.entries(urls)) {
@@ -313,11 +317,38 @@ async function copy(input) {
     input.select(); // clipboard API needs a secure page; fall back to the old way
     document.execCommand("copy");
   }
-  say("info", `copied ${input.value}`);
+  say("info", `copied ${input.id === "url-dock" && key() ? "the dock URL (with your stream key)" : input.value}`);
 }
 for (const button of document.querySelectorAll("[data-copy]")) {
   button.addEventListener("click", () => copy($(button.dataset.copy)));
 }
+
+// ---- snapshot and fullscreen ------------------------------------------------------------------
+
+/** The styled frame on screen, at its own size (not the preview's), as a PNG download. */
+async function snapshot() {
+  const frame = preview.canvas.current;
+  if (!frame) return;
+  const canvas = document.createElement("canvas");
+  canvas.width = frame.width;
+  canvas.height = frame.height;
+  canvas.getContext("2d").drawImage(frame.bitmap, 0, 0);
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = `dreamstream-${streamId()}-${new Date().toISOString().replace(/[:.]/g, "-")}.png`;
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 10_000);
+  say("info", `snapshot saved: ${a.download} (${frame.width}×${frame.height})`);
+}
+ui.snapshot.addEventListener("click", snapshot);
+ui.fullscreen.addEventListener("click", () => {
+  if (document.fullscreenElement) document.exitFullscreen();
+  else ui.previewBox.requestFullscreen().catch((err) => say("error", `fullscreen refused: ${err.message}`));
+});
+document.addEventListener("fullscreenchange", () => {
+  setText(ui.fullscreen, document.fullscreenElement ? "Exit fullscreen" : "Fullscreen");
+});
 
 // ---- live numbers ---------------------------------------------------------------------------
 
@@ -329,6 +360,20 @@ const PREVIEW_TEXT = {
   live: "",
 };
 
+function previewText() {
+  const socket = preview.feed.socket;
+  if (socket.link !== "open" && socket.lastClose && socket.lastClose.code === 1008) {
+    const sending = broadcaster.isOpen ? "Your broadcast is going out; only this preview is refused. " : "";
+    const text = `The server refused the preview: ${socket.lastClose.reason}. ${sending}Enter the viewer token under Source.`;
+    alerts.show("token", "error", text, { repeat: false });
+    return text;
+  }
+  if (socket.link === "open") alerts.clear("token");
+  const state = socket.link === "open" ? preview.state : "connecting";
+  if (state === "live" && preview.frames === 0) return "live: waiting for the first styled frame";
+  return PREVIEW_TEXT[state] ?? state;
+}
+
 setInterval(() => {
   setText(stat("sent"), fmt(capture.active ? capture.sent.rate() : 0));
   setText(stat("preview"), fmt(preview.fps));
@@ -339,9 +384,10 @@ setInterval(() => {
   setText(stat("dropped"), lastStats ? String(lastStats.dropped) : "–");
   setText(stat("viewers"), lastStats ? String(lastStats.viewers) : "–");
   setText(stat("held"), String(capture.held));
-  const state = preview.feed.socket.link === "open" ? preview.state : "connecting";
-  setText(ui.previewState, state === "live" && preview.frames === 0 ? "live: waiting for the first styled frame" : PREVIEW_TEXT[state] ?? state);
-  ui.previewState.hidden = state === "live" && preview.canvas.hasFrame;
+  const text = previewText();
+  setText(ui.previewState, text);
+  ui.previewState.hidden = !text || (preview.state === "live" && preview.canvas.hasFrame && preview.feed.socket.link === "open");
+  ui.snapshot.disabled = !preview.canvas.hasFrame;
 }, 500);
 
 setInterval(() => {
@@ -351,34 +397,15 @@ setInterval(() => {
   }
 }, 2000);
 
-// the processor may still be loading (diffusion weights): keep its badge current
-async function refreshHealth() {
-  try {
-    const health = await (await fetch("/healthz", { cache: "no-store" })).json();
-    const badge = $("server-status");
-    // compile=full serves at once and compiles faster kernels in the background: say so ("optimising 3/8")
-    const opt = health.optimise;
-    const optimising = health.status === "ok" && opt && opt.state === "running";
-    setText(badge, optimising ? `ok · optimising ${opt.done}/${opt.total}` : health.status);
-    badge.dataset.state = health.status;
-    badge.title = opt ? `compile=${opt.mode}: ${opt.state} ${opt.done}/${opt.total}` : "";
-    setText($("processor-name"), health.processor);
-    setText($("processor-device"), health.device);
-    setText($("processor-reason"), health.reason || "");
-    setText($("processor-error"), health.error || "");
-  } catch {
-    $("server-status").dataset.state = "error";
-    setText($("server-status"), "unreachable");
-  }
-}
-setInterval(refreshHealth, 5000);
-
 // ---- start ----------------------------------------------------------------------------------
 
-adoptConfig(cfg.config);
 renderLinks();
 renderLink("idle");
+style.setStates(health.states);
+renderProcessorState();
+health.start();
 window.dreamstream = {
+  capture,
   preview,
   broadcaster,
   get framesSent() {
