@@ -1,38 +1,41 @@
-"""DreamStream on Modal: one CPU gateway holds the sockets, an autoscaling pool of GPUs restyles the frames.
+"""DreamStream on Modal: the FastAPI app of `dreamstream serve`, deployed two ways (DREAMSTREAM_MODAL_MODE).
+
+- `pool` (default): one CPU gateway holds every socket and serves the pages; each round of frames goes to an
+  autoscaled pool of GPU containers (`Restyler`) and back. Many streams share the GPUs; two Modal hops a frame.
+- `shard`: one GPU container (`Shard`) serves its streams' sockets itself, with the same app and a LocalBackend,
+  as Modal's own real-time example does (`07_web_endpoints/websockets_yolo`). No hop between sockets and GPU;
+  one GPU per shard; each shard is its own deployment and URL.
 
     modal secret create dreamstream-keys DREAMSTREAM_STREAM_KEYS=studio:change-me DREAMSTREAM_VIEWER_TOKEN=t0ken
     modal run modal_app.py::download_models        # once: the model weights into a Volume
-    DREAMSTREAM_MODAL_GPU=L4 modal deploy modal_app.py
+    modal run modal_app.py::warm_up                # once per GPU type: compiled kernels into the Volume
+    modal deploy modal_app.py                      # pool mode
+    DREAMSTREAM_MODAL_MODE=shard DREAMSTREAM_MODAL_APP=dreamstream-shard-0 modal deploy modal_app.py
 
-This file wraps the same FastAPI app that `dreamstream serve` runs (`service.app.create_app`); there is
-no second implementation. The one difference is where frames are processed: the gateway's processor
-backend sends each frame, as a `FrameJob`, to the GPU class below, which runs the same `Engine` the
-local server runs in its worker thread. Frames of several streams that reach one GPU container
-together are restyled in one `Engine.run` call, each with its own prompt, strength and seed.
-
-It reads top to bottom: deploy-time knobs, the images, the weights volume and its download, the GPU
-class, the gateway. Importing it needs neither a Modal token nor a network (the tests do). The numbers
-behind the defaults are in docs/SCALING.md.
+This file only deploys: the knobs, the images, the Volume, the GPU classes, the gateway. The gateway's backend
+is `service.gpu_pool.GpuPool`; what to download is `service.processors.downloads`; the frame path is the
+server's own (`service.app.create_app`). Importing it needs neither a Modal token nor a network (the tests
+do). README "Deploy on Modal" says which mode to use when; docs/SCALING.md has the numbers behind the knobs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
+import re
+import shutil
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import modal
-import numpy as np
 from fastapi import FastAPI
 
 from service import codec
 from service.app import create_app
-from service.backends import CallableBackend
+from service.backends import LocalBackend
 from service.config import Settings
 from service.engine import Engine, FrameJob
+from service.gpu_pool import GpuPool, WakeOnBroadcaster
 
 log = logging.getLogger("dreamstream.modal")
 
@@ -49,60 +52,82 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
 
 
+def _env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
 # ## Deploy-time knobs
 #
-# Read when `modal deploy` imports this file. Every DREAMSTREAM_* variable set then (model options,
-# limits, DREAMSTREAM_PROCESSOR...) is forwarded to both containers, so a deployment is configured the
-# way the local server is. The secrets are the exception: they come from a modal.Secret, never from here.
-#
-# GPU: an L4 by default. It is Modal's cheapest 24 GB GPU, and PERF.md measures both processors together
-# under 20 GB, so one L4 holds the lightning and the standard pipeline at once. Its rated dense fp16
-# rate (~121 TFLOP/s) matches an A10G's at ~70% of the price: the cheapest frames of the 24 GB tier. What
-# it lacks is headroom for one fast stream (SDXL-Lightning 4 steps + ControlNet stays under 25 fps on it).
-# For that, deploy with DREAMSTREAM_MODAL_GPU=H100 (or L40S); a comma list ("L40S,A100") gives fallbacks.
-GPU = [g.strip() for g in os.environ.get("DREAMSTREAM_MODAL_GPU", "L4").split(",") if g.strip()]
+# Read when `modal deploy` imports this file. Every DREAMSTREAM_* variable set then (model options, limits,
+# DREAMSTREAM_PROCESSOR...) is forwarded to the containers, so a deployment is configured the way the local
+# server is. The secrets are the exception: they come from a modal.Secret, never from here.
+MODES = ("pool", "shard")
+MODE = os.environ.get("DREAMSTREAM_MODAL_MODE", "").strip() or "pool"
+if MODE not in MODES:
+    raise ValueError(f"DREAMSTREAM_MODAL_MODE must be pool or shard, got {MODE!r}")
+APP_NAME = os.environ.get("DREAMSTREAM_MODAL_APP", "").strip()
+# GPU: an L4 by default, Modal's cheapest 24 GB GPU: it holds both processors (PERF.md: under 20 GB together).
+# DREAMSTREAM_MODAL_GPU=H100 for one fast stream (4-step Lightning + ControlNet at 25 fps); "L40S,A100" = fallbacks.
+GPU = _env_list("DREAMSTREAM_MODAL_GPU", "L4")
 GPU_LABEL = "/".join(GPU)
-GPU_BATCH = _env_int("DREAMSTREAM_MODAL_GPU_BATCH", 8)  # frames per Engine.run: PERF.md's 8-stream target
-# The gateway fans a round of frames out at once, so they reach a container within a few ms of each
-# other; 10 ms is enough to regroup them and costs every frame at most a third of a 30 fps frame time.
-BATCH_WAIT_MS = _env_int("DREAMSTREAM_MODAL_BATCH_WAIT_MS", 10)
+# Frames per GPU call (pool mode): a scheduler round is split into calls of at most this many, one Engine.run
+# each. 8 = PERF.md's 8-stream target and the largest batch the processors prepare CUDA graphs for.
+CALL_SIZE = _env_int("DREAMSTREAM_MODAL_GPU_BATCH", 8)
 MIN_GPUS = _env_int("DREAMSTREAM_MODAL_MIN_GPUS", 0)  # 1 = no cold start for the first stream: $27/day on L4
 MAX_GPUS = _env_int("DREAMSTREAM_MODAL_MAX_GPUS", 8)  # the bill's ceiling
 GPU_IDLE_S = _env_int("DREAMSTREAM_MODAL_GPU_IDLE_S", 300)  # outlives a scene switch, not a lunch break
-GPU_STARTUP_S = 20 * 60  # image pull + weights from the volume + torch.compile warm-up
+GPU_STARTUP_S = 20 * 60  # image pull + weights from the volume + CUDA graphs (first start: + compiling)
+# Region of every container (gateway, GPUs, shards), e.g. "us-east" (where Modal routes every function input)
+# or "us". Unset: anywhere, at list price; set: Modal's region multiplier applies (1.5x broad, 1.75x narrow).
+REGION = _env_list("DREAMSTREAM_MODAL_REGION") or None
 # One gateway container: every socket of a stream must meet in one process (the hub is in memory).
 GATEWAY_SOCKETS = _env_int("DREAMSTREAM_MODAL_GATEWAY_SOCKETS", 1000)  # concurrent requests + sockets
+SHARD_SOCKETS = _env_int("DREAMSTREAM_MODAL_SHARD_SOCKETS", 200)  # a shard's streams are few (one GPU)
+SHARD_IDLE_S = _env_int("DREAMSTREAM_MODAL_SHARD_IDLE_S", 120)  # a shard's GPU stops this long after its last request
 SOCKET_LIFETIME_S = 24 * 3600  # Modal's longest input; clients reconnect when a socket ends
+# Modal carries a function input, output or ASGI message over 2 MiB through blob storage (an upload and a
+# download more per frame). A 1.5 MB JPEG is 2.0 MB as base64 JSON, under 2 MiB with ~95 KB to spare for the
+# message around it: every frame stays in one message. (The server's own default, 4 MiB, would not.)
+FRAME_BYTES = 1_500_000
 SECRET_NAME = os.environ.get("DREAMSTREAM_MODAL_SECRET", "dreamstream-keys")  # "" = no keys (open server)
 SECRET_VARS = ("DREAMSTREAM_STREAM_KEYS", "DREAMSTREAM_BROADCAST_KEY", "DREAMSTREAM_VIEWER_TOKEN")
-MODELS_DIR = "/models"
+SECRETS = [modal.Secret.from_name(SECRET_NAME)] if SECRET_NAME else []
+SHARED_GPU_APP = os.environ.get("DREAMSTREAM_MODAL_GPU_APP", "")  # pool mode: send frames to this app's pool
 
 FORWARDED_ENV = {
-    name: value for name, value in os.environ.items()
-    if name.startswith("DREAMSTREAM_") and name not in SECRET_VARS
+    name: value for name, value in os.environ.items() if name.startswith("DREAMSTREAM_") and name not in SECRET_VARS
 }
-# Both containers: weights and torch.compile caches live on the volume, so a fresh container neither
-# downloads nor recompiles what another container already did.
+if int(FORWARDED_ENV.get("DREAMSTREAM_MAX_FRAME_BYTES", FRAME_BYTES)) > FRAME_BYTES:
+    log.warning("DREAMSTREAM_MAX_FRAME_BYTES over 1.5 MB: larger frames go through Modal's blob storage (slower)")
+
+# ## The weights and the compiled kernels
+#
+# One Volume holds the Hugging Face cache, filled once by `download_models` from a CPU container, and the
+# compiled kernels, written once per GPU type by `warm_up`. Serving containers only read it: each copies the
+# kernels for its GPU to a local folder at start, so nothing they compile is committed by many writers at once.
+models = modal.Volume.from_name("dreamstream-models", create_if_missing=True)
+MODELS_DIR = "/models"
+KERNELS_DIR = f"{MODELS_DIR}/compiled"  # /models/compiled/<gpu>/{inductor,triton}, written by warm_up only
+LOCAL_KERNELS = "/tmp/dreamstream-compiled"  # each container's working copy (TORCHINDUCTOR/TRITON_CACHE_DIR)
 CONTAINER_ENV = {
     "HF_HOME": f"{MODELS_DIR}/hf",
-    "TORCHINDUCTOR_CACHE_DIR": f"{MODELS_DIR}/torch-cache/inductor",
-    "TRITON_CACHE_DIR": f"{MODELS_DIR}/torch-cache/triton",
-    # a round of frames fills the GPU pool once (see GpuPool below)
-    "DREAMSTREAM_MAX_BATCH": str(GPU_BATCH * MAX_GPUS),
+    "TORCHINDUCTOR_CACHE_DIR": f"{LOCAL_KERNELS}/inductor",
+    "TRITON_CACHE_DIR": f"{LOCAL_KERNELS}/triton",
+    "DREAMSTREAM_MAX_FRAME_BYTES": str(FRAME_BYTES),
+    "DREAMSTREAM_MAX_BATCH": str(CALL_SIZE * MAX_GPUS),  # a round fills the pool once
     **FORWARDED_ENV,
 }
-# GPU containers only read the volume: a model missing there fails fast with a message naming it,
-# instead of each container downloading gigabytes on its own.
+# GPU containers never download: a model missing from the volume fails fast, naming it.
 GPU_ENV = {**CONTAINER_ENV, "HF_HUB_OFFLINE": "1"}
-
-app = modal.App(os.environ.get("DREAMSTREAM_MODAL_APP", "dreamstream"))
 
 
 # ## Images
 #
-# The gateway's image has the server's own dependencies and nothing else, so it starts in seconds;
-# the GPU image adds the diffusion stack on top. Versions come from constraints.txt, the one pinned set
-# that `make serve`, `make test` and CI install too.
+# The gateway's image has the server's own dependencies and nothing else, so it starts in seconds; the GPU
+# image adds the diffusion stack. Every package, direct or not, is held to constraints.txt, the one pinned set
+# that `make serve`, `make test` and CI install too. That set has opencv-python-headless only (controlnet-aux
+# 0.0.10 requires the headless build); the build fails if anything brings the GUI opencv-python beside it,
+# since the two overwrite each other's cv2 files.
 def pinned(*names: str) -> list[str]:
     """`name==version` for each name (extras kept: `uvicorn[standard]`), the version from constraints.txt."""
     versions = {}
@@ -120,11 +145,18 @@ def pinned(*names: str) -> list[str]:
 
 
 WEB_PACKAGES = pinned("fastapi", "uvicorn[standard]", "websockets", "jinja2", "numpy", "pillow",
-                      "opencv-python-headless", "simplejpeg", "prometheus-client")
+                      "opencv-python-headless", "simplejpeg", "prometheus-client", "pydantic")
 GPU_PACKAGES = pinned("torch", "torchvision", "diffusers", "transformers", "accelerate", "controlnet-aux",
                       "safetensors", "huggingface-hub",
                       "hf-xet",  # the hub's fast transfer backend, for download_models
                       "tqdm")
+CONSTRAINTS = "/root/constraints.txt"
+PIN_ALL = f"--constraint {CONSTRAINTS}"
+ONE_OPENCV = (
+    "python -c \"import importlib.metadata as m, sys; names = {d.metadata['Name'].lower() for d in m.distributions()};"
+    " sys.exit('opencv-python is installed beside opencv-python-headless: find what requires it (uv pip tree)"
+    " and pin a version of it that requires the headless build') if 'opencv-python' in names else None\""
+)
 
 
 def _with_project(image: modal.Image) -> modal.Image:
@@ -134,225 +166,171 @@ def _with_project(image: modal.Image) -> modal.Image:
     )
 
 
-base_image = modal.Image.debian_slim(python_version="3.11").uv_pip_install(*WEB_PACKAGES)
+base_image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .add_local_file(ROOT / "constraints.txt", CONSTRAINTS, copy=True)
+    .uv_pip_install(*WEB_PACKAGES, extra_options=PIN_ALL)
+)
 web_image = _with_project(base_image)
-# libGL and glib: controlnet-aux pulls in the full opencv-python, which links against them
-gpu_image = _with_project(base_image.apt_install("libgl1", "libglib2.0-0").uv_pip_install(*GPU_PACKAGES))
+gpu_image = _with_project(base_image.uv_pip_install(*GPU_PACKAGES, extra_options=PIN_ALL).run_commands(ONE_OPENCV))
 
 
-# ## The weights
-#
-# One Volume holds the Hugging Face cache (HF_HOME) and the compile caches. It is filled once, from a
-# CPU container, by `modal run modal_app.py::download_models`; GPU containers mount it and load from it.
-models = modal.Volume.from_name("dreamstream-models", create_if_missing=True)
-
-# What to fetch of each model: the configs and tokenizers of every part, and the weights of only the
-# parts the processors load (standard: SD 1.5's text encoder, UNet and VAE; lightning: SDXL's two text
-# encoders, as its UNet comes from the Lightning files and its VAE from `vae_model`). Default-precision
-# safetensors only: the processors load no fp16 variant, nor the repos' single-file checkpoints, .bin or
-# ONNX copies. That skips ~25 GB of the two base repos; a test loads both processors from exactly these files.
-BASE_MODEL_WEIGHTS = {
-    "standard": ("text_encoder", "unet", "vae"),
-    "lightning": ("text_encoder", "text_encoder_2"),
-}
-SKIP_FILES = ["*.fp16.*", "*non_ema*", "*.bin", "*.ckpt", "*.onnx*", "*openvino*", "*.msgpack", "*.h5"]
+# ## What every container shares
+def modal_settings() -> Settings:
+    """The server's settings inside a container: the DREAMSTREAM_* variables forwarded above, public host."""
+    return Settings.from_env(host="0.0.0.0")  # public: the app warns when no stream keys are set
 
 
-def download_patterns(processor: str, option: str, repo: str) -> list[str]:
-    """The files of `repo` that `processor` loads as its `option`, as snapshot_download allow_patterns."""
-    from service.processors.depth import MIDAS_FILE
-    from service.processors.lightning import CHECKPOINTS
-
-    if option == "base_model":
-        weights = [f"{part}/*.safetensors" for part in BASE_MODEL_WEIGHTS[processor]]
-        return ["model_index.json", "*/*.json", "*/*.txt", *weights]
-    if option == "lightning_unet":
-        return sorted(CHECKPOINTS.values())
-    if option == "vae_model":  # an AutoencoderKL at the root; not the single-file copies some VAE repos add
-        return ["*.json", "diffusion_pytorch_model.safetensors"]
-    if option == "depth_model" and any(word in repo.lower() for word in ("annotators", "midas")):
-        return [MIDAS_FILE]  # controlnet-aux's MiDaS: one checkpoint of a large repo
-    return ["*.json", "*.txt", "*.safetensors"]
-
-
-def download_plan(processors: list[str]) -> list[tuple[str, str, list[str]]]:
-    """(label, hub id, file patterns) per model the processors load, each repo once.
-
-    The ids are the processors' own defaults (service.processors.models.DEFAULTS) unless a DREAMSTREAM_*
-    model variable says otherwise, so what is downloaded is what the GPU containers will ask for.
-    """
-    from service.processors.models import DEFAULTS, UNSET_BY_DEFAULT, model_source
-
-    plan: dict[str, tuple[str, list[str]]] = {}
-    for processor in processors:
-        if processor not in DEFAULTS:
-            raise ValueError(f"processors must be among {', '.join(DEFAULTS)}; got {processor!r}")
-        for option in (*DEFAULTS[processor], *UNSET_BY_DEFAULT.get(processor, ())):
-            source = model_source(processor, option)
-            if source is None and option == "tiny_vae":
-                # the tiny VAE is off unless asked for, but it is a few MB: fetch it so it can be turned on
-                source = model_source(processor, option, True)
-            if source is None or source.looks_like_path:
-                continue  # a path in the container (e.g. a folder on the volume): not ours to fetch
-            label, known = plan.get(source.value, ("", []))
-            plan[source.value] = (
-                f"{label}, {processor} {option}" if label else f"{processor} {option}",
-                sorted({*known, *download_patterns(processor, option, source.value)}),
-            )
-    return [(label, repo, patterns) for repo, (label, patterns) in plan.items()]
-
-
-@app.function(image=gpu_image, volumes={MODELS_DIR: models}, env=CONTAINER_ENV, timeout=3 * 3600)
-def download_models(processors: str = "lightning,standard") -> None:
-    """Fill the volume with the weights the processors load; reruns only fetch what is missing.
-
-    `download_models.local()` fills this machine's Hugging Face cache the same way.
-    """
-    from huggingface_hub import snapshot_download
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    plan = download_plan([p.strip() for p in processors.split(",") if p.strip()])
-    started = time.monotonic()
-    for n, (label, repo, patterns) in enumerate(plan, 1):
-        print(f"[{n}/{len(plan)}] {repo} ({label})", flush=True)
-        path = Path(snapshot_download(repo, allow_patterns=patterns, ignore_patterns=SKIP_FILES))
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        print(f"      {size / 1e9:.2f} GB in {path}", flush=True)
-        if not modal.is_local():
-            models.commit()  # each finished repo survives an interrupted run
-    print(f"done in {time.monotonic() - started:.0f} s; `modal deploy modal_app.py` next", flush=True)
-
-
-# ## The GPU class
-#
-# One container = one GPU = one Engine, loaded once in `@modal.enter`. `@modal.batched` gathers the
-# frames that arrive within BATCH_WAIT_MS (up to GPU_BATCH, from any streams and any gateway) into one
-# call; the Engine groups them by processor and restyles each group in one batch. Modal starts more
-# containers when frames queue up and stops them after GPU_IDLE_S without work.
 def pool_processor(settings: Settings) -> str:
-    """`auto` means lightning here: every container of the pool has a CUDA GPU (SPEC §3)."""
+    """`auto` means lightning here: every GPU container has a CUDA GPU (SPEC §3)."""
     return "lightning" if settings.processor == "auto" else settings.processor
 
 
 def portable(result: bytes | Exception) -> bytes | Exception:
     """What goes back to the gateway: JPEG bytes, a FrameError (its protocol code matters), or a RuntimeError.
 
-    The gateway's image has no torch: a torch or diffusers exception would not unpickle there and would
-    fail the whole call. Its message is all the broadcaster is shown anyway.
+    The gateway's image has no torch: a torch or diffusers exception would not unpickle there and would fail
+    the whole call. Its message is all the broadcaster is shown anyway.
     """
     if isinstance(result, (bytes, codec.FrameError)):
         return result
     return RuntimeError(str(result) or type(result).__name__)
 
 
-@app.cls(
+def gpu_slug() -> str:
+    """This container's GPU as a folder name ("nvidia-l4"): compiled kernels only fit the GPU they were built on."""
+    import torch
+
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def copy_kernels(src: Path, dst: Path) -> int:
+    """Copy the compiled-kernel caches from `src` to `dst` (merging); the number of files copied."""
+    if not src.is_dir():
+        return 0
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    return sum(1 for f in dst.rglob("*") if f.is_file())
+
+
+def import_diffusion_stack(processor: str) -> None:
+    """Import torch, diffusers, transformers and the processor's module: ~20,000 files, no GPU touched.
+
+    Run in `@modal.enter(snap=True)`, so Modal's memory snapshot holds the imported modules and a restored
+    container starts past them. The weights cannot be snapshotted yet: a processor loads them straight to
+    its device and has no public way to move to the GPU later (see README, Deploy on Modal, cold start).
+    """
+    from service.processors import processor_class
+
+    started = time.monotonic()
+    if processor in ("standard", "lightning"):
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        processor_class(processor)
+    log.info("imports for the %s processor: %.1f s (restored from the snapshot from now on)", processor,
+             time.monotonic() - started)
+
+
+def seed_kernels() -> None:
+    """The kernels warm_up compiled for this GPU, into this container's local caches (no-op off a GPU)."""
+    if modal.is_local():
+        return
+    found = copy_kernels(Path(KERNELS_DIR) / gpu_slug(), Path(LOCAL_KERNELS))
+    log.info("compiled kernels from the volume: %d files%s", found,
+             "" if found else " (none yet: `modal run modal_app.py::warm_up` compiles them once)")
+
+
+pool_app = modal.App(APP_NAME or "dreamstream")
+shard_app = modal.App(APP_NAME or "dreamstream-shard")
+tools = modal.App(f"{APP_NAME or 'dreamstream'}-tools")  # one-off jobs, run with `modal run`, never deployed
+app = {"pool": pool_app, "shard": shard_app}[MODE]  # what `modal deploy modal_app.py` deploys
+
+# What both GPU classes ask for. Memory: the Lightning processor keeps two 5.1 GB UNet state dicts in host RAM
+# (switching step counts is a copy, not a disk read), a third is read while switching, the text encoders and
+# ControlNet pass through host memory on load, and torch.compile's workers and the snapshot need their share:
+# ~24 GB at the peak, so 32 GiB (the old 16 GiB ran out on the second step count).
+GPU_MEMORY_MIB = 32 * 1024
+GPU_OPTIONS = dict(
     gpu=GPU[0] if len(GPU) == 1 else GPU,
     image=gpu_image,
     volumes={MODELS_DIR: models},
     env=GPU_ENV,
-    # the thread driving the GPU, JPEG decode/encode (~1.4 ms a 512 px frame) and torch.compile's workers
-    cpu=4.0,
-    memory=16 * 1024,  # weights pass through host memory on their way to the GPU
+    cpu=4.0,  # the thread driving the GPU, JPEG decode/encode (~1.4 ms a 512 px frame), compile workers
+    memory=GPU_MEMORY_MIB,
+    region=REGION,
+    enable_memory_snapshot=True,  # imports restored from a snapshot (import_diffusion_stack)
+    startup_timeout=GPU_STARTUP_S,
+)
+
+
+# ## Pool mode: the GPU class
+#
+# One container = one GPU = one Engine. Each call is a batch of frames the gateway's scheduler gathered (same
+# processor, steps and ControlNet), restyled in one `Engine.run`. No `@modal.batched`: its `wait_ms` is fixed
+# when the class is declared, so a lone stream would wait it out on every frame; the scheduler's own wait
+# already adapts (it waits only for streams about to send). Modal starts containers while calls queue and
+# stops them after GPU_IDLE_S without work.
+@pool_app.cls(
+    **GPU_OPTIONS,
     min_containers=MIN_GPUS,
     max_containers=MAX_GPUS,
     scaledown_window=GPU_IDLE_S,
-    timeout=10 * 60,  # one batch, including a processor loaded on first use
-    startup_timeout=GPU_STARTUP_S,
+    timeout=10 * 60,  # one call, including a processor loaded on first use
 )
 class Restyler:
-    @modal.enter()
-    def load(self) -> None:
-        """Build the Engine and load + warm the default processor before the first frame waits on it."""
+    @modal.enter(snap=True)
+    def prepare(self) -> None:
+        """Before the snapshot: settings, the Engine (no processor yet) and the heavy imports."""
         logging.basicConfig(level=logging.INFO)
-        settings = Settings.from_env()
-        processor = pool_processor(settings)
+        settings = modal_settings()
+        self.processor = pool_processor(settings)
         self.engine = Engine(
-            settings.stream_defaults(processor), settings.processor_options,
+            settings.stream_defaults(self.processor), settings.processor_options,
             settings.max_frame_bytes, settings.max_frame_side, settings.jpeg_quality,
         )
+        import_diffusion_stack(self.processor)
+
+    @modal.enter()
+    def load(self) -> None:
+        """After restore, on the GPU: the kernels for this GPU, then load and warm the default processor."""
+        seed_kernels()
         try:
-            self.engine.processor(processor)
+            self.engine.processor(self.processor)
         except Exception as exc:  # frames will carry the message; the container stays up to say it
             log.error("%s; is the volume filled? `modal run modal_app.py::download_models`", exc)
-            return
-        if not modal.is_local():
-            models.commit()  # the compile caches warm-up wrote: the next container starts faster
 
-    @modal.batched(max_batch_size=GPU_BATCH, wait_ms=BATCH_WAIT_MS)
+    @modal.method()
     def restyle(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
         """Frames of any streams in, one result per frame out: JPEG bytes or what stopped that frame."""
         return [portable(result) for result in self.engine.run(jobs)]
 
 
-# ## The gateway
+# ## Pool mode: the gateway
 #
-# The FastAPI app of `dreamstream serve`, with a backend that sends frames to the GPU class. Each frame
-# of a scheduler round is its own `.remote.aio` call, all at once, so Modal can spread one round over
-# several containers and `@modal.batched` regroups them there; a round waits for its slowest frame.
-RestyleOne = Callable[[FrameJob], Awaitable[bytes | Exception]]
+# The FastAPI app of `dreamstream serve` with `GpuPool` as its backend. One container (max_containers=1): a
+# stream's broadcaster and its viewers must reach the same hub, which lives in that process's memory; it holds
+# GATEWAY_SOCKETS sockets and requests at once on one event loop. Non-preemptible (3x the CPU and memory list
+# price, ~$0.22/h more), so hours-long sockets are not cut by a preemption; Modal offers that for CPU
+# functions only. Past one gateway: more deployments sharing one pool (DREAMSTREAM_MODAL_GPU_APP), or shards.
+def gateway_app(restyle, settings: Settings | None = None) -> FastAPI:
+    """The server's app with its frames sent to `restyle(jobs)`: the GPU class on Modal, anything in tests."""
+    settings = settings or modal_settings()
+    pool = GpuPool(restyle, pool_processor(settings), settings, label=GPU_LABEL, max_gpus=MAX_GPUS,
+                   call_size=CALL_SIZE, idle_s=GPU_IDLE_S, warmup_timeout_s=GPU_STARTUP_S)
+    app = create_app(settings, backend=pool)
+    app.add_middleware(WakeOnBroadcaster, pool=pool)  # a broadcaster wakes a GPU; pages and probes never do
+    return app
 
 
-class GpuPool(CallableBackend):
-    """The gateway's processor backend: a frame in, `restyle_one(job)` somewhere, JPEG bytes back."""
-
-    def __init__(self, restyle_one: RestyleOne, settings: Settings, warmup_timeout_s: float) -> None:
-        processor = pool_processor(settings)
-        super().__init__(
-            self.restyle_all, processor, f"modal:{GPU_LABEL}",
-            f"Modal GPU pool ({GPU_LABEL}, up to {MAX_GPUS}); the {processor} processor",
-        )
-        self.restyle_one = restyle_one
-        self.frame_timeout_s = settings.processing_timeout_s
-        self.warmup_timeout_s = warmup_timeout_s
-        self.warmup_job = FrameJob(
-            "_warmup", codec.encode_jpeg(np.full((64, 64, 3), 128, np.uint8)), settings.stream_defaults(processor)
-        )
-
-    async def start(self) -> None:
-        """Wake a GPU container now, so it loads while the broadcaster is still choosing a camera."""
-        log.info("waiting for a GPU container (the first start loads the models: minutes)")
-        try:
-            result = await asyncio.wait_for(self.restyle_one(self.warmup_job), self.warmup_timeout_s)
-        except asyncio.TimeoutError:
-            raise RuntimeError(f"no GPU container answered within {self.warmup_timeout_s:.0f} s") from None
-        if isinstance(result, Exception):
-            raise RuntimeError(f"the GPU pool cannot process frames: {result}")
-
-    async def restyle_all(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
-        async def one(job: FrameJob) -> bytes | Exception:
-            try:
-                return await asyncio.wait_for(self.restyle_one(job), self.frame_timeout_s)
-            except asyncio.TimeoutError:
-                return TimeoutError(f"the GPU pool took longer than {self.frame_timeout_s:.0f} s")
-            except Exception as exc:  # one lost frame, not a lost round
-                log.warning("frame of stream %s failed on the way: %r", job.stream_id, exc)
-                return exc
-
-        return list(await asyncio.gather(*(one(job) for job in jobs)))
-
-
-def gateway_app(
-    restyle_one: RestyleOne, settings: Settings | None = None, warmup_timeout_s: float = GPU_STARTUP_S
-) -> FastAPI:
-    """The server's app with its frames sent to `restyle_one`: the GPU class on Modal, anything in tests."""
-    settings = settings or Settings.from_env(host="0.0.0.0")  # public: warns when no stream keys are set
-    return create_app(settings, backend=GpuPool(restyle_one, settings, warmup_timeout_s))
-
-
-# One container only (max_containers=1): a stream's broadcaster and its viewers must reach the same hub,
-# which lives in that process's memory. It holds GATEWAY_SOCKETS sockets and requests at once (asyncio,
-# one event loop). Past one container, shard by stream id: deploy this file once per shard
-# (DREAMSTREAM_MODAL_APP=dreamstream-2 ...), give each stream its shard's URL, and point the shards at one
-# GPU pool with DREAMSTREAM_MODAL_GPU_APP=dreamstream so their frames batch together. docs/SCALING.md.
-SHARED_GPU_APP = os.environ.get("DREAMSTREAM_MODAL_GPU_APP", "")
-
-
-@app.function(
+@pool_app.function(
     image=web_image,
-    secrets=[modal.Secret.from_name(SECRET_NAME)] if SECRET_NAME else [],
+    secrets=SECRETS,
     env=CONTAINER_ENV,
     cpu=2.0,  # the app's event loop, and Modal's client loop that carries every socket message and GPU call
     memory=2048,
+    region=REGION,
+    nonpreemptible=True,
     max_containers=1,
     scaledown_window=5 * 60,
     timeout=SOCKET_LIFETIME_S,
@@ -365,3 +343,92 @@ def web() -> FastAPI:
     logging.basicConfig(level=logging.INFO)
     pool = modal.Cls.from_name(SHARED_GPU_APP, "Restyler") if SHARED_GPU_APP else Restyler
     return gateway_app(pool().restyle.remote.aio)
+
+
+# ## Shard mode: a GPU container that serves its own sockets
+#
+# The app of `dreamstream serve` with its LocalBackend, served from the GPU container: a frame goes socket ->
+# hub -> GPU -> hub -> socket inside one process, with no function call in between. One container per shard
+# (its hub is in memory); more streams than one GPU serves = more shards, each deployed under its own
+# DREAMSTREAM_MODAL_APP with its own URL. The URL is the GPU: any request starts it, so keep shard URLs
+# unlisted (give them only to the shard's broadcasters and overlays). Modal has no non-preemptible GPUs: a
+# preempted shard's clients reconnect to its replacement on their own.
+@shard_app.cls(
+    **GPU_OPTIONS,
+    secrets=SECRETS,
+    min_containers=min(MIN_GPUS, 1),
+    max_containers=1,
+    scaledown_window=SHARD_IDLE_S,
+    timeout=SOCKET_LIFETIME_S,
+)
+@modal.concurrent(max_inputs=SHARD_SOCKETS)
+class Shard:
+    @modal.enter(snap=True)
+    def prepare(self) -> None:
+        """Before the snapshot: the heavy imports (the processor loads in the app's worker thread, after)."""
+        logging.basicConfig(level=logging.INFO)
+        self.settings = modal_settings()
+        self.processor = pool_processor(self.settings)
+        import_diffusion_stack(self.processor)
+
+    @modal.enter()
+    def kernels(self) -> None:
+        seed_kernels()
+
+    @modal.asgi_app()
+    def web(self) -> FastAPI:
+        """The whole server: pages, sockets and the processor (loaded by the app's lifespan, as locally)."""
+        settings = self.settings
+        engine = Engine(settings.stream_defaults(self.processor), settings.processor_options,
+                        settings.max_frame_bytes, settings.max_frame_side, settings.jpeg_quality)
+        reason = f"Modal shard {shard_app.name} ({GPU_LABEL}): the {self.processor} processor on this container"
+        return create_app(settings, LocalBackend(engine, self.processor, reason, settings.processing_timeout_s))
+
+
+# ## One-off jobs: `modal run modal_app.py::download_models`, `modal run modal_app.py::warm_up`
+@tools.function(image=gpu_image, volumes={MODELS_DIR: models}, env=CONTAINER_ENV, timeout=3 * 3600)
+def download_models(processors: str = "lightning,standard") -> None:
+    """Fill the volume with the files the processors load; reruns only fetch what is missing.
+
+    `download_models.local()` fills this machine's Hugging Face cache the same way.
+    """
+    import huggingface_hub
+
+    from service.processors.downloads import LOADED_VARIANT, download_plan, select_files
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    plan = download_plan([p.strip() for p in processors.split(",") if p.strip()])
+    started = time.monotonic()
+    for n, item in enumerate(plan, 1):
+        files = select_files(huggingface_hub.list_repo_files(item.repo), item.patterns, LOADED_VARIANT)
+        print(f"[{n}/{len(plan)}] {item.repo} ({item.label}): {len(files)} files", flush=True)
+        path = Path(huggingface_hub.snapshot_download(item.repo, allow_patterns=files))
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        print(f"      {size / 1e9:.2f} GB in {path}", flush=True)
+        if not modal.is_local():
+            models.commit()  # each finished repo survives an interrupted run
+    print(f"done in {time.monotonic() - started:.0f} s; `modal run modal_app.py::warm_up` next", flush=True)
+
+
+@tools.function(**{**GPU_OPTIONS, "enable_memory_snapshot": False}, timeout=2 * 3600)
+def warm_up(processors: str = "") -> None:
+    """Compile the kernels of each processor for this GPU type once, and put them in the volume.
+
+    The one writer of KERNELS_DIR: serving containers copy it at start and never write it back. Run it again
+    after changing the GPU type, torch, or the compile settings (DREAMSTREAM_COMPILE, _BATCH_SIZES).
+    """
+    logging.basicConfig(level=logging.INFO)
+    settings = modal_settings()
+    names = [p.strip() for p in processors.split(",") if p.strip()] or [pool_processor(settings)]
+    seed_kernels()  # start from what an earlier run compiled
+    engine = Engine(settings.stream_defaults(names[0]), settings.processor_options,
+                    settings.max_frame_bytes, settings.max_frame_side, settings.jpeg_quality)
+    for name in names:
+        started = time.monotonic()
+        proc = engine.processor(name)  # loads, captures graphs, starts the background compile
+        proc.wait_optimised()  # every kernel compiled and on the local disk
+        print(f"{name}: ready and compiled in {time.monotonic() - started:.0f} s", flush=True)
+    target = Path(KERNELS_DIR) / gpu_slug()
+    count = copy_kernels(Path(LOCAL_KERNELS), target)
+    models.commit()
+    print(f"{count} kernel files in {target}; serving containers on this GPU type start from them", flush=True)

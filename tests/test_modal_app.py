@@ -1,9 +1,9 @@
-"""modal_app.py, offline and with no Modal token: what it declares, and the real code paths it runs.
+"""modal_app.py and its backend (service/gpu_pool.py), offline and with no Modal token.
 
-Modal's own machinery (containers, `.remote`) needs the cloud; everything else runs here: the GPU
-class's enter hook and batched method through `.local()`, and the gateway app in a real uvicorn server
-whose GPU pool is `LocalPool` below: what `Restyler().restyle.remote.aio` does on Modal (serialize the
-job, regroup concurrent calls into one batch like `@modal.batched`, run them in one container), in-process.
+Modal's machinery (containers, `.remote`) needs the cloud; everything else runs here: what each mode declares
+(through Modal's public `FunctionInfo`), the GPU classes' enter hooks and methods through `.local()`, the gateway
+app in a real uvicorn server whose pool call pickles each call both ways and runs the GPU class in-process, and
+the shard app served by a real uvicorn server. Nothing here reads Modal's private attributes.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import inspect
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import uvicorn
-from modal._serialization import deserialize, serialize  # the wire format of .remote calls
-from modal._utils.async_utils import synchronizer
 from websockets.sync.client import connect
 
 import modal_app
 from service.codec import FrameError
 from service.config import Settings, StreamConfig
 from service.engine import FrameJob
+from service.gpu_pool import GpuPool, split_round
+from service.processors.downloads import download_patterns, download_plan, select_files
 from tests.helpers import ROOT, free_port, gradient_jpeg, mean_rgb, solid_jpeg
 
 pytest_plugins = ["tests.fixtures_diffusion"]  # tiny_models, tiny_env
@@ -50,9 +51,11 @@ OFFLINE_ENV = {
     "MODAL_SERVER_URL": "https://127.0.0.1:9",  # and no Modal server to reach
     "PYTHONPATH": str(ROOT),
 }
+MODAL_RELAY_BYTES = 2 * 1024 * 1024  # Modal carries payloads over 2 MiB through blob storage
+PICKLE_PROTOCOL = 4  # what Modal's cloudpickle writes; for importable classes its bytes are pickle's
 
 
-def import_in_subprocess(code: str, env: dict[str, str] | None = None, prelude: str = "") -> dict:
+def import_in_subprocess(code: str, env: dict[str, str] | None = None, prelude: str = "") -> object:
     """Import modal_app in a fresh interpreter (deploy-time env vars are read at import) and return `code`'s JSON."""
     script = f"{prelude}\nimport json, modal_app\nprint(json.dumps({code}))"
     done = subprocess.run(
@@ -63,29 +66,23 @@ def import_in_subprocess(code: str, env: dict[str, str] | None = None, prelude: 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def autoscaler(obj) -> dict:
-    """min/max containers and scaledown window as given to `app.function`/`app.cls`.
+# ---- what each mode declares -------------------------------------------------------------------
 
-    The public `FunctionInfo` has no autoscaler fields; modal 1.6 keeps them in the loader's closure.
-    """
-    fn = synchronizer._translate_in(obj)
-    if hasattr(fn, "_get_class_service_function"):
-        fn = fn._get_class_service_function()
-    names = ("min_containers", "max_containers", "buffer_containers", "scaledown_window")
-    return {k: v for k, v in inspect.getclosurevars(fn._load).nonlocals.items() if k in names}
-
-
-# ---- what the app declares -------------------------------------------------------------------
-
-def test_import_needs_no_token_and_no_network():
-    found = import_in_subprocess(
-        "{'app': modal_app.app.name, 'gpu': modal_app.GPU, 'cls': type(modal_app.Restyler).__name__}"
+def test_import_needs_no_token_and_no_network_in_either_mode():
+    pool = import_in_subprocess("[modal_app.app.name, modal_app.MODE, modal_app.app is modal_app.pool_app]")
+    assert pool == ["dreamstream", "pool", True]
+    shard = import_in_subprocess(
+        "[modal_app.app.name, modal_app.MODE, modal_app.app is modal_app.shard_app]",
+        {"DREAMSTREAM_MODAL_MODE": "shard", "DREAMSTREAM_MODAL_APP": "dreamstream-shard-3"},
     )
-    assert found == {"app": "dreamstream", "gpu": ["L4"], "cls": "Cls"}
+    assert shard == ["dreamstream-shard-3", "shard", True]
+    done = subprocess.run([sys.executable, "-c", "import modal_app"], cwd=ROOT, capture_output=True, text=True,
+                          env={**OFFLINE_ENV, "DREAMSTREAM_MODAL_MODE": "sideways"}, timeout=120)
+    assert done.returncode != 0 and "DREAMSTREAM_MODAL_MODE must be pool or shard" in done.stderr
 
 
 def test_gateway_image_needs_no_diffusion_stack():
-    """The gateway's image has no torch: importing this file and building the app must not need it."""
+    """The gateway's image has no torch: importing this file and building the gateway app must not need it."""
     block = (
         "import sys\n"
         "class NoDiffusion:\n"
@@ -98,65 +95,94 @@ def test_gateway_image_needs_no_diffusion_stack():
     assert found == "GpuPool"
 
 
-def test_gpu_type_and_pool_size_are_chosen_at_deploy_time():
+def test_pool_mode_declarations():
+    gpu = modal_app.Restyler().restyle.info()
+    assert gpu.gpus == [("L4", 1)]
+    assert gpu.batching_info is None  # no @modal.batched: nothing waits to regroup a lone stream's frame
+    assert gpu.volumes[modal_app.MODELS_DIR].name == "dreamstream-models"
+    assert gpu.startup_timeout >= 10 * 60  # weights from the volume + CUDA graphs, minutes on a first start
+    # two 5.1 GB Lightning state dicts stay in host RAM, a third passes through while switching step counts
+    assert gpu.memory_mib * 2**20 >= 3 * 5.1e9 and gpu.cpu >= 2
+    assert gpu.regions is None  # no region pinned unless asked: Modal's region price multiplier
+    assert modal_app.GPU_ENV["HF_HUB_OFFLINE"] == "1"  # weights from the volume only
+
+    gateway = modal_app.web.info()
+    assert gateway.web_info is not None and gateway.web_info.unauthenticated  # public URL; keys guard it
+    assert gateway.nonpreemptible  # hours-long sockets are not cut by a preemption
+    assert gateway.concurrency_info.max_inputs == 1000  # sockets share one event loop
+    assert gateway.timeout == 24 * 3600  # a socket lives as long as a Modal input may
+    assert not gateway.gpus and gateway.memory_mib <= 4096
+    assert "modal.Secret.from_name('dreamstream-keys')" in gateway.secrets
+    backend = modal_app.web.local().state.dreamstream.backend
+    assert isinstance(backend, GpuPool)
+    assert (backend.processor, backend.device) == ("lightning", "modal:L4")  # auto = lightning on CUDA
+
+
+def test_shard_mode_declarations():
+    info = modal_app.Shard().web.info()
+    assert info.gpus == [("L4", 1)] and info.memory_mib == modal_app.GPU_MEMORY_MIB
+    assert info.method_details["web"].unauthenticated  # the shard's own URL serves pages and sockets
+    assert info.concurrency_info.max_inputs == modal_app.SHARD_SOCKETS
+    assert info.timeout == 24 * 3600
+    assert "modal.Secret.from_name('dreamstream-keys')" in info.secrets
+    assert not info.nonpreemptible  # Modal has no non-preemptible GPUs; clients reconnect on their own
+
+
+def test_region_gpu_and_settings_are_chosen_at_deploy_time():
     found = import_in_subprocess(
-        "{'gpus': modal_app.Restyler().restyle.info().gpus, 'label': modal_app.GPU_LABEL,"
-        " 'max': modal_app.MAX_GPUS, 'env': modal_app.CONTAINER_ENV}",
+        "{'pool': [modal_app.web.info().regions, modal_app.Restyler().restyle.info().regions],"
+        " 'shard': modal_app.Shard().web.info().regions, 'gpus': modal_app.Restyler().restyle.info().gpus,"
+        " 'env': modal_app.CONTAINER_ENV, 'batch': modal_app.CONTAINER_ENV['DREAMSTREAM_MAX_BATCH']}",
         env={
-            "DREAMSTREAM_MODAL_GPU": "H100", "DREAMSTREAM_MODAL_MAX_GPUS": "3",
+            "DREAMSTREAM_MODAL_REGION": "us-east", "DREAMSTREAM_MODAL_GPU": "H100", "DREAMSTREAM_MODAL_MAX_GPUS": "3",
             "DREAMSTREAM_STREAM_KEYS": "studio:secret-key", "DREAMSTREAM_LIGHTNING_TINY_VAE": "1",
         },
     )
-    assert found["gpus"] == [["H100", 1]] and found["max"] == 3
-    # deploy-time DREAMSTREAM_* settings reach the containers; keys only ever come from the modal.Secret
-    assert found["env"]["DREAMSTREAM_LIGHTNING_TINY_VAE"] == "1"
-    assert found["env"]["DREAMSTREAM_MODAL_GPU"] == "H100"  # so the gateway reports the right device
-    assert "DREAMSTREAM_STREAM_KEYS" not in found["env"]
-    assert "secret-key" not in json.dumps(found)
+    assert found["pool"] == [["us-east"], ["us-east"]] and found["shard"] == ["us-east"]  # one region for all
+    assert found["gpus"] == [["H100", 1]] and found["batch"] == "24"  # a round fills 3 GPUs' calls of 8
+    assert found["env"]["DREAMSTREAM_LIGHTNING_TINY_VAE"] == "1"  # deploy-time settings reach the containers
+    assert "DREAMSTREAM_STREAM_KEYS" not in found["env"] and "secret-key" not in json.dumps(found)
     fallbacks = import_in_subprocess("modal_app.Restyler().restyle.info().gpus", {"DREAMSTREAM_MODAL_GPU": "L40S,A100"})
     assert fallbacks == [["L40S", 1], ["A100", 1]]
 
 
-def test_volume_and_download_function():
-    info = modal_app.download_models.info()
-    assert info.volumes[modal_app.MODELS_DIR].name == "dreamstream-models"
-    assert not info.gpus  # downloading needs no GPU
-    assert info.timeout >= 3600
-    assert modal_app.CONTAINER_ENV["HF_HOME"].startswith(modal_app.MODELS_DIR + "/")
+def test_frame_limit_keeps_every_frame_out_of_modals_blob_relay():
+    limit = modal_app.FRAME_BYTES
+    assert limit <= 1.5 * 2**20
+    # the largest frame as the original README's JSON message (base64) fits in one Modal payload, with room to spare
+    data_url = "data:image/jpeg;base64," + base64.b64encode(b"\xff" * limit).decode()
+    message = json.dumps({"type": "frame", "frame": data_url, "ts": 1764650000000})
+    assert len(message) <= MODAL_RELAY_BYTES - 64 * 1024
+    # and so does a GPU call of it, pickled as Modal does
+    job = FrameJob("s" * 64, b"\xff" * limit, StreamConfig(prompt="p" * 1000))
+    assert len(pickle.dumps(([job],), protocol=PICKLE_PROTOCOL)) <= MODAL_RELAY_BYTES
+    # the containers' settings carry it; a deploy that sets its own limit keeps it
+    assert import_in_subprocess("modal_app.modal_settings().max_frame_bytes",
+                                {k: v for k, v in modal_app.CONTAINER_ENV.items()}) == limit
+    assert import_in_subprocess("modal_app.CONTAINER_ENV['DREAMSTREAM_MAX_FRAME_BYTES']",
+                                {"DREAMSTREAM_MAX_FRAME_BYTES": "1000000"}) == "1000000"
 
 
-def test_gpu_class_settings():
-    info = modal_app.Restyler().restyle.info()
-    assert info.gpus == [("L4", 1)]
-    assert info.batching_info.max_batch_size == modal_app.GPU_BATCH == 8
-    assert info.batching_info.wait_ms == modal_app.BATCH_WAIT_MS == 10
-    assert info.volumes[modal_app.MODELS_DIR].name == "dreamstream-models"
-    assert info.startup_timeout >= 10 * 60  # loading + torch.compile warm-up
-    assert info.cpu >= 2 and info.memory_mib >= 16 * 1024  # JPEG work and weights in host memory
-    assert modal_app.GPU_ENV["HF_HUB_OFFLINE"] == "1"  # weights from the volume only
-    assert autoscaler(modal_app.Restyler) == {
-        "min_containers": 0, "max_containers": 8, "buffer_containers": None, "scaledown_window": 300,
-    }
+def test_snapshot_phase_imports_the_stack_without_touching_the_gpu():
+    """`@modal.enter(snap=True)` runs before the snapshot, where no GPU may be used: it imports, never inits CUDA."""
+    pytest.importorskip("torch")
+    code = (
+        "import sys, modal_app; modal_app.import_diffusion_stack('lightning'); import json; "
+        "print(json.dumps([sorted(m for m in ('torch', 'diffusers', 'transformers', 'service.processors.lightning')"
+        " if m in sys.modules), sys.modules['torch'].cuda.is_initialized()]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found == [["diffusers", "service.processors.lightning", "torch", "transformers"], False]
+    assert modal_app.GPU_OPTIONS["enable_memory_snapshot"]  # Modal refuses snap=True hooks without it
 
 
-def test_gateway_settings():
-    info = modal_app.web.info()
-    assert info.web_info is not None and info.web_info.unauthenticated  # public URL; keys guard it
-    assert info.concurrency_info.max_inputs == 1000  # sockets share one event loop
-    assert info.timeout == 24 * 3600  # a socket lives as long as a Modal input may
-    assert not info.gpus
-    assert "modal.Secret.from_name('dreamstream-keys')" in info.secrets
-    assert info.startup_timeout <= 10 * 60  # a gateway that cannot start says so in minutes, not a day
-    # one container: a stream's broadcaster and viewers always meet in the same hub
-    assert autoscaler(modal_app.web)["max_containers"] == 1
-    # the endpoint's factory builds the server's own app, with the GPU pool as its backend
-    backend = modal_app.web.local().state.dreamstream.backend
-    assert isinstance(backend, modal_app.GpuPool)
-    assert (backend.processor, backend.device) == ("lightning", "modal:L4")  # auto = lightning on CUDA
-
-
-def test_images_pin_every_dependency_of_the_project():
+def test_images_pin_every_package_and_install_one_opencv():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    import importlib.metadata
+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
     def names(requirements: list[str]) -> set[str]:
@@ -165,6 +191,25 @@ def test_images_pin_every_dependency_of_the_project():
     assert all("==" in p for p in modal_app.WEB_PACKAGES + modal_app.GPU_PACKAGES)
     assert names(project["dependencies"]) <= names(modal_app.WEB_PACKAGES)
     assert names(project["optional-dependencies"]["diffusion"]) <= names(modal_app.GPU_PACKAGES)
+    assert f"--constraint {modal_app.CONSTRAINTS}" == modal_app.PIN_ALL  # transitive packages pinned too
+    pins = {line.split("==")[0].strip().lower().replace("_", "-") for line in (ROOT / "constraints.txt").read_text()
+            .splitlines() if "==" in line and not line.startswith("#")}
+    assert "opencv-python-headless" in pins and "opencv-python" not in pins
+    requires = importlib.metadata.requires("controlnet-aux") or []
+    assert not [r for r in requires if r.lower().startswith("opencv-python") and "headless" not in r.lower()]
+
+
+# ---- what is downloaded -------------------------------------------------------------------------
+
+SD15_LISTING = [  # the shape of stable-diffusion-v1-5's file list on the hub
+    "model_index.json", "v1-5-pruned.safetensors", "v1-5-pruned-emaonly.fp16.safetensors",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model.bin",
+    "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+    "text_encoder/pytorch_model.bin", "tokenizer/vocab.json", "tokenizer/merges.txt",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+    "safety_checker/model.safetensors", "safety_checker/model.fp16.safetensors", "scheduler/scheduler_config.json",
+]
 
 
 def test_download_plan_follows_the_processors_defaults(monkeypatch):
@@ -172,49 +217,71 @@ def test_download_plan_follows_the_processors_defaults(monkeypatch):
 
     for key in [k for k in os.environ if k.startswith("DREAMSTREAM_")]:
         monkeypatch.delenv(key)
-    plan = {repo: (label, patterns) for label, repo, patterns in modal_app.download_plan(["lightning", "standard"])}
+    plan = {item.repo: item for item in download_plan(["lightning", "standard"])}
     assert set(plan) == {repo for options in DEFAULTS.values() for repo in options.values()}
-    assert "sdxl_lightning_4step_unet.safetensors" in plan["ByteDance/SDXL-Lightning"][1]
-    sdxl = plan["stabilityai/stable-diffusion-xl-base-1.0"][1]
+    assert "sdxl_lightning_4step_unet.safetensors" in plan["ByteDance/SDXL-Lightning"].patterns
+    sdxl = plan["stabilityai/stable-diffusion-xl-base-1.0"].patterns
     assert "text_encoder_2/*.safetensors" in sdxl and "unet/*.safetensors" not in sdxl  # Lightning brings its UNet
-    assert "unet/*.safetensors" in plan["stable-diffusion-v1-5/stable-diffusion-v1-5"][1]
-    assert "lightning depth_model" in plan[DEFAULTS["lightning"]["depth_model"]][0]  # shared, fetched once
+    assert "unet/*.safetensors" in plan["stable-diffusion-v1-5/stable-diffusion-v1-5"].patterns
+    assert "lightning depth_model" in plan[DEFAULTS["lightning"]["depth_model"]].label  # shared, fetched once
 
     # a model variable set at deploy time changes what is fetched; a local path is not fetched
     monkeypatch.setenv("DREAMSTREAM_LIGHTNING_BASE_MODEL", "someone/sdxl-finetune")
     monkeypatch.setenv("DREAMSTREAM_DEPTH_MODEL", "/opt/models/depth")
-    plan = {repo for _, repo, _ in modal_app.download_plan(["lightning"])}
-    assert "someone/sdxl-finetune" in plan and "stabilityai/stable-diffusion-xl-base-1.0" not in plan
-    assert DEFAULTS["lightning"]["depth_model"] not in plan
+    repos = {item.repo for item in download_plan(["lightning"])}
+    assert "someone/sdxl-finetune" in repos and "stabilityai/stable-diffusion-xl-base-1.0" not in repos
+    assert DEFAULTS["lightning"]["depth_model"] not in repos
     with pytest.raises(ValueError, match="processors"):
-        modal_app.download_plan(["filter"])
+        download_plan(["filter"])
+
+
+def test_download_picks_fp16_variants_where_the_repo_has_them():
+    patterns = download_patterns("standard", "base_model", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    fp16 = select_files(SD15_LISTING, patterns, "fp16")
+    assert [f for f in fp16 if f.endswith(".safetensors")] == [
+        "text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]  # one precision per weight; no safety checker, single-file checkpoints, .bin or non-EMA copies
+    assert {"model_index.json", "unet/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"} <= set(fp16)
+    full = select_files(SD15_LISTING, patterns, None)
+    assert [f for f in full if f.endswith(".safetensors")] == [
+        "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+    # a weight stored only once (the Lightning UNets, already fp16; most VAEs) is fetched as it is
+    lightning = ["sdxl_lightning_4step_unet.safetensors", "sdxl_lightning_4step_lora.safetensors", "README.md"]
+    assert select_files(lightning, download_patterns("lightning", "lightning_unet", "ByteDance/SDXL-Lightning"),
+                        "fp16") == ["sdxl_lightning_4step_unet.safetensors"]
 
 
 def test_download_models_runs_locally_with_progress(monkeypatch, tmp_path, capsys):
     import huggingface_hub
 
-    fetched = []
+    fetched: dict[str, list[str]] = {}
 
-    def fake_snapshot_download(repo: str, allow_patterns: list[str], ignore_patterns: list[str]) -> str:
-        fetched.append(repo)
+    def fake_snapshot_download(repo: str, allow_patterns: list[str]) -> str:
+        fetched[repo] = allow_patterns
         folder = tmp_path / repo.replace("/", "--")
         folder.mkdir(parents=True)
         (folder / "weights.safetensors").write_bytes(b"\0" * 1000)
         return str(folder)
 
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: SD15_LISTING)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    modal_app.download_models.local("lightning")
+    modal_app.download_models.local("standard")
     out = capsys.readouterr().out
-    assert fetched and f"[1/{len(fetched)}]" in out and f"[{len(fetched)}/{len(fetched)}]" in out
-    assert "ByteDance/SDXL-Lightning" in fetched and "done in" in out
+    assert f"[1/{len(fetched)}]" in out and f"[{len(fetched)}/{len(fetched)}]" in out and "done in" in out
+    # exact file lists, chosen from each repo's listing: the files the processors load and nothing else
+    assert "unet/diffusion_pytorch_model.safetensors" in fetched["stable-diffusion-v1-5/stable-diffusion-v1-5"]
+    assert not any(f.endswith(".bin") for files in fetched.values() for f in files)
 
 
-def downloaded_copy(src: Path, dst: Path, patterns: list[str]) -> Path:
-    """What snapshot_download would keep of `src` (hub's own pattern matching), copied to `dst`."""
-    from huggingface_hub.utils import filter_repo_objects
-
+def downloaded_copy(src: Path, dst: Path, patterns: tuple[str, ...] | list[str]) -> Path:
+    """What download_models would keep of `src` (a local model folder standing in for a hub repo)."""
     files = [f.relative_to(src).as_posix() for f in src.rglob("*") if f.is_file()]
-    for rel in filter_repo_objects(files, allow_patterns=patterns, ignore_patterns=modal_app.SKIP_FILES):
+    from service.processors.downloads import LOADED_VARIANT
+
+    for rel in select_files(files, patterns, LOADED_VARIANT):
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / rel, dst / rel)
     return dst
@@ -233,8 +300,7 @@ def test_gpu_class_runs_both_diffusion_processors_from_the_downloaded_files(
     from service.processors.models import env_var
 
     for (processor, option), key in parts.items():
-        patterns = modal_app.download_patterns(processor, option, key)
-        copy = downloaded_copy(tiny_models[key], tmp_path / processor / key, patterns)
+        copy = downloaded_copy(tiny_models[key], tmp_path / processor / key, download_patterns(processor, option, key))
         monkeypatch.setenv(env_var(processor, option), str(copy))
     assert not (tmp_path / "lightning" / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert not (tmp_path / "lightning" / "sdxl" / "vae" / "diffusion_pytorch_model.safetensors").exists()
@@ -248,33 +314,34 @@ def test_gpu_class_runs_both_diffusion_processors_from_the_downloaded_files(
         FrameJob("b", frame, StreamConfig(prompt="neon city", processor_type="lightning", num_steps=2, seed=2)),
         FrameJob("c", frame, StreamConfig(prompt="oil", processor_type="standard", num_steps=4, strength=0.5)),
     ]
-    restyler = modal_app.Restyler()
-    a, b, c = restyler.restyle.local(jobs)  # one Engine.run: two lightning frames in one batch, one standard
+    a, b, c = modal_app.Restyler().restyle.local(jobs)  # one Engine.run: two lightning frames batched, one standard
     assert all(isinstance(x, bytes) and x[:2] == b"\xff\xd8" for x in (a, b, c)), (a, b, c)
     assert a != b  # each frame kept its own prompt and seed
-    assert set(restyler.engine.processors) == {"lightning", "standard"}
 
 
-# ---- what crosses between gateway and GPUs ---------------------------------------------------
+# ---- what crosses between gateway and GPUs -----------------------------------------------------
 
-def test_results_and_jobs_survive_modal_serialization():
+def over_the_wire(obj: object) -> object:
+    return pickle.loads(pickle.dumps(obj, protocol=PICKLE_PROTOCOL))
+
+
+def test_jobs_and_results_survive_the_trip():
     job = FrameJob("s1", gradient_jpeg(), StreamConfig(prompt="Monet", seed=7, processor_type="filter"))
-    assert deserialize(serialize(job), None) == job
-    error = deserialize(serialize(FrameError("too_large", "frame is 9 MB")), None)
+    assert over_the_wire(job) == job
+    error = over_the_wire(FrameError("too_large", "frame is 9 MB"))
     assert isinstance(error, FrameError) and (error.code, error.message) == ("too_large", "frame is 9 MB")
 
     class TorchLikeError(Exception):  # a library's exception the gateway could not unpickle
         def __init__(self, message: str, detail: object):
             super().__init__(message)
 
-    plain = deserialize(serialize(modal_app.portable(TorchLikeError("CUDA out of memory", object()))), None)
+    plain = over_the_wire(modal_app.portable(TorchLikeError("CUDA out of memory", object())))
     assert type(plain) is RuntimeError and str(plain) == "CUDA out of memory"
     assert modal_app.portable(b"jpeg") == b"jpeg"
 
 
 def test_gpu_class_enter_and_batch_run_locally(monkeypatch):
     monkeypatch.setenv("DREAMSTREAM_PROCESSOR", "filter")
-    restyler = modal_app.Restyler()
     red = solid_jpeg((220, 40, 40))
     jobs = [
         FrameJob("noir", red, StreamConfig(prompt="film noir", strength=1.0, processor_type="filter", num_steps=2)),
@@ -282,44 +349,72 @@ def test_gpu_class_enter_and_batch_run_locally(monkeypatch):
         FrameJob("raw", red, StreamConfig(processor_type="identity", num_steps=1)),
         FrameJob("broken", red[: len(red) // 2], StreamConfig(processor_type="filter", num_steps=2)),
     ]
-    noir, paint, raw, broken = restyler.restyle.local(jobs)  # @modal.enter ran first: the Engine exists
+    noir, paint, raw, broken = modal_app.Restyler().restyle.local(jobs)  # both enter hooks ran first
     grey, warm, same = (mean_rgb(x) for x in (noir, paint, raw))
     assert np.ptp(grey) < 12, "the noir stream's own prompt was not used"
     assert warm[0] > warm[1] + 50 and same[0] > same[1] + 100
     assert isinstance(broken, FrameError) and broken.code == "bad_frame"
 
 
-# ---- the gateway, end to end, over a real server ---------------------------------------------
+# ---- GpuPool ---------------------------------------------------------------------------------------
 
-class LocalPool:
-    """`Restyler().restyle.remote.aio` in-process: one container, `@modal.batched` regrouping, pickled wire."""
+def test_a_round_is_split_into_near_equal_calls():
+    jobs = [FrameJob(str(i), b"x", StreamConfig()) for i in range(10)]
+    assert [len(c) for c in split_round(jobs, 8)] == [5, 5]  # the round waits for its slowest call
+    assert [len(c) for c in split_round(jobs, 3)] == [3, 3, 2, 2]
+    assert [j.stream_id for c in split_round(jobs, 4) for j in c] == [j.stream_id for j in jobs]
+    assert split_round(jobs[:1], 8) == [jobs[:1]] and split_round([], 8) == []
 
-    def __init__(self, restyler, max_batch: int, wait_ms: int) -> None:
+
+def make_pool(restyle, timeout_s: float = 5.0, call_size: int = 8) -> GpuPool:
+    return GpuPool(restyle, "filter", Settings(processor="filter", processing_timeout_s=timeout_s), label="L4",
+                   max_gpus=2, call_size=call_size, idle_s=300, warmup_timeout_s=5)
+
+
+def test_a_slow_or_lost_call_fails_its_own_frames_not_the_round():
+    async def restyle(jobs: list[FrameJob]) -> list[bytes | Exception]:
+        if any(j.stream_id == "stuck" for j in jobs):
+            await asyncio.sleep(60)
+        if any(j.stream_id == "lost" for j in jobs):
+            raise ConnectionError("container went away")
+        return [j.stream_id.encode() for j in jobs]
+
+    pool = make_pool(restyle, timeout_s=0.3, call_size=1)
+    config = StreamConfig()
+    jobs = [FrameJob(name, b"x", config) for name in ("stuck", "lost", "ok")]
+    started = time.monotonic()
+    stuck, lost, fine = asyncio.run(pool.process(jobs))
+    assert time.monotonic() - started < 5
+    assert isinstance(stuck, TimeoutError) and isinstance(lost, ConnectionError) and fine == b"ok"
+
+
+def test_a_pool_that_cannot_work_says_why_in_its_frames_and_its_reason():
+    async def broken(jobs: list[FrameJob]) -> list[bytes | Exception]:
+        return [RuntimeError("the lightning processor could not be loaded: model X is unavailable")] * len(jobs)
+
+    pool = make_pool(broken)
+    [result] = asyncio.run(pool.process([FrameJob("s", b"x", StreamConfig())]))
+    assert isinstance(result, RuntimeError) and "model X is unavailable" in str(result)
+    assert "model X is unavailable" in pool.reason
+
+
+# ---- the gateway, end to end, over a real server --------------------------------------------------
+
+class InProcessPool:
+    """`Restyler().restyle.remote.aio` in-process: each call pickled both ways, one container running one call
+    at a time (Modal sends a container one input at a time: the class has no @modal.concurrent)."""
+
+    def __init__(self, restyler) -> None:
         self.restyle = restyler.restyle.local
-        self.max_batch = max_batch
-        self.wait_s = wait_ms / 1000
-        self.batches: list[list[str]] = []  # stream ids per Engine.run call
-        self._queue: list[tuple[bytes, asyncio.Future]] = []
-        self._flusher: asyncio.Task | None = None
-        self._container = ThreadPoolExecutor(1)  # one GPU container: one batch at a time
+        self.calls: list[list[str]] = []  # stream ids per call
+        self._container = ThreadPoolExecutor(1)
 
-    async def __call__(self, job: FrameJob) -> bytes | Exception:
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append((serialize(job), future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return deserialize(await future, None)
-
-    async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._queue:
-            await asyncio.sleep(self.wait_s)
-            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
-            jobs = [deserialize(data, None) for data, _ in batch]
-            self.batches.append([job.stream_id for job in jobs])
-            results = await loop.run_in_executor(self._container, self.restyle, jobs)
-            for (_, future), result in zip(batch, results, strict=True):
-                future.set_result(serialize(result))
+    async def __call__(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
+        payload = pickle.dumps((jobs,), protocol=PICKLE_PROTOCOL)
+        (arrived,) = pickle.loads(payload)
+        self.calls.append([job.stream_id for job in arrived])
+        results = await asyncio.get_running_loop().run_in_executor(self._container, self.restyle, arrived)
+        return pickle.loads(pickle.dumps(results, protocol=PICKLE_PROTOCOL))
 
 
 @contextlib.contextmanager
@@ -340,14 +435,14 @@ def serve(app) -> Iterator[str]:
         thread.join(15)
 
 
-def get_json(url: str) -> dict:
+def get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read())
+        return resp.read()
 
 
 def wait_healthy(base: str) -> dict:
-    deadline = time.monotonic() + 30
-    while (health := get_json(f"http://{base}/healthz"))["status"] == "loading":
+    deadline = time.monotonic() + 60
+    while (health := json.loads(get(f"http://{base}/healthz")))["status"] == "loading":
         assert time.monotonic() < deadline, health
         time.sleep(0.05)
     return health
@@ -370,73 +465,69 @@ def next_error(ws, timeout: float = 10) -> dict:
     return message
 
 
-def test_gateway_streams_through_a_local_gpu_pool(monkeypatch):
-    monkeypatch.setenv("DREAMSTREAM_PROCESSOR", "filter")
-    pool = LocalPool(modal_app.Restyler(), modal_app.GPU_BATCH, modal_app.BATCH_WAIT_MS)
-    app = modal_app.gateway_app(pool, Settings.from_env(), warmup_timeout_s=30)
+def styled_frames(sockets, base: str, streams: dict[str, str], until, timeout: float = 30) -> dict[str, list]:
+    """Send a red frame from each stream's broadcaster until `until(got)`; mean RGB of each frame its viewer gets."""
     red = solid_jpeg((220, 40, 40))
     red_url = "data:image/jpeg;base64," + base64.b64encode(red).decode()
+    viewers = {name: sockets.enter_context(connect(f"ws://{base}/ws/viewer/{name}?format=binary", max_size=None))
+               for name in streams}
+    broadcasters = {name: open_broadcaster(sockets, base, name, prompt) for name, prompt in streams.items()}
+    got: dict[str, list] = {name: [] for name in streams}
+    deadline = time.monotonic() + timeout
+    while not until(got):
+        assert time.monotonic() < deadline, {k: len(v) for k, v in got.items()}
+        for i, ws in enumerate(broadcasters.values()):
+            ws.send(red if i % 2 == 0 else json.dumps({"type": "frame", "frame": red_url}))
+        for name, viewer in viewers.items():
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    if isinstance(message := viewer.recv(timeout=0.05), bytes):
+                        got[name].append(mean_rgb(message))
+    return got
+
+
+def test_gateway_streams_through_the_pool_and_only_a_broadcaster_wakes_a_gpu(monkeypatch):
+    monkeypatch.setenv("DREAMSTREAM_PROCESSOR", "filter")
+    pool = InProcessPool(modal_app.Restyler())
+    app = modal_app.gateway_app(pool, Settings.from_env())
     with serve(app) as base, contextlib.ExitStack() as sockets:
         health = wait_healthy(base)
         assert (health["status"], health["processor"], health["device"]) == ("ok", "filter", "modal:L4")
-        assert pool.batches[0] == ["_warmup"]  # the gateway woke a GPU container at start-up
+        for page in ("/", "/view/noir", "/overlay/noir", "/metrics", "/robots.txt", "/wp-login.php"):
+            with contextlib.suppress(urllib.error.HTTPError):
+                get(f"http://{base}{page}")
+        wait_healthy(base)
+        assert pool.calls == [], "a page view or probe started a GPU container"
+        assert "no GPU running" in health["reason"]
 
-        noir_view = sockets.enter_context(connect(f"ws://{base}/ws/viewer/noir?format=binary", max_size=None))
-        paint_view = sockets.enter_context(connect(f"ws://{base}/ws/viewer/paint", max_size=None))
-        noir = open_broadcaster(sockets, base, "noir", "film noir")
-        paint = open_broadcaster(sockets, base, "paint", "Monet painting")
-        got: dict[str, list[np.ndarray]] = {"noir": [], "paint": []}
-        deadline = time.monotonic() + 30
-        while min(len(v) for v in got.values()) < 3 or not any({"noir", "paint"} <= set(b) for b in pool.batches):
-            assert time.monotonic() < deadline, (pool.batches[-5:], {k: len(v) for k, v in got.items()})
-            noir.send(red)
-            paint.send(json.dumps({"type": "frame", "frame": red_url}))
-            for name, viewer in (("noir", noir_view), ("paint", paint_view)):
-                with contextlib.suppress(TimeoutError):
-                    while True:
-                        message = viewer.recv(timeout=0.05)
-                        if isinstance(message, bytes):
-                            got[name].append(mean_rgb(message))
-                        elif (frame := json.loads(message))["type"] == "frame":
-                            got[name].append(mean_rgb(base64.b64decode(frame["frame"].split(",", 1)[1])))
-        # one Engine.run held both streams, and each kept its own prompt
-        assert all(np.ptp(rgb) < 12 for rgb in got["noir"])
+        got = styled_frames(sockets, base, {"noir": "film noir", "paint": "Monet painting"},
+                            lambda got: min(len(v) for v in got.values()) >= 3 and
+                            any({"noir", "paint"} <= set(c) for c in pool.calls))
+        assert pool.calls[0] == ["_warmup"]  # the broadcaster woke a GPU before its first frame
+        assert all(np.ptp(rgb) < 12 for rgb in got["noir"])  # one call held both streams, each kept its prompt
         assert all(rgb[0] > rgb[1] + 50 for rgb in got["paint"])
+        assert "GPU pool answering" in json.loads(get(f"http://{base}/healthz"))["reason"]
 
+        noir = open_broadcaster(sockets, base, "noir", "film noir")
+        red = solid_jpeg((220, 40, 40))
         noir.send(red[: len(red) // 2])  # passes the gateway's header check, fails to decode on the GPU
-        error = next_error(noir)
-        assert error["code"] == "bad_frame", error  # a FrameError's code survived the trip back
+        assert next_error(noir)["code"] == "bad_frame"  # a FrameError's code survived the trip back
 
         request = urllib.request.Request(f"http://{base}/api/process", data=red, headers={"Content-Type": "image/jpeg"})
         with urllib.request.urlopen(request, timeout=10) as resp:
             assert resp.headers["content-type"] == "image/jpeg" and resp.read()[:2] == b"\xff\xd8"
 
 
-def test_gateway_reports_a_pool_that_cannot_work():
-    async def broken(job: FrameJob) -> bytes | Exception:
-        return RuntimeError("the lightning processor could not be loaded: model X is unavailable")
+# ---- shard mode, end to end, over a real server ------------------------------------------------------
 
-    with serve(modal_app.gateway_app(broken, Settings(processor="lightning"), warmup_timeout_s=5)) as base:
+def test_shard_serves_its_streams_sockets_from_its_own_backend(monkeypatch):
+    monkeypatch.setenv("DREAMSTREAM_PROCESSOR", "filter")
+    app = modal_app.Shard().web.local()  # the class's enter hooks, then its ASGI app
+    with serve(app) as base, contextlib.ExitStack() as sockets:
         health = wait_healthy(base)
-    assert health["status"] == "error" and "model X is unavailable" in health["error"]
-    assert health["processor"] == "lightning"
-
-
-def test_a_slow_pool_fails_its_frames_not_the_round(monkeypatch):
-    async def restyle_one(job: FrameJob) -> bytes | Exception:
-        if job.stream_id == "stuck":
-            await asyncio.sleep(60)
-        if job.stream_id == "lost":
-            raise ConnectionError("container went away")
-        return b"jpeg"
-
-    pool = modal_app.GpuPool(restyle_one, Settings(processor="filter", processing_timeout_s=0.2), 1)
-    config = StreamConfig()
-    started = time.monotonic()
-    stuck, lost, fine = asyncio.run(
-        pool.process([FrameJob("stuck", b"x", config), FrameJob("lost", b"x", config), FrameJob("ok", b"x", config)])
-    )
-    assert time.monotonic() - started < 5
-    assert isinstance(stuck, TimeoutError) and isinstance(lost, ConnectionError) and fine == b"jpeg"
-
-
+        assert (health["status"], health["processor"], health["device"]) == ("ok", "filter", "cpu")
+        assert "Modal shard" in health["reason"]
+        got = styled_frames(sockets, base, {"noir": "film noir", "paint": "Monet painting"},
+                            lambda got: min(len(v) for v in got.values()) >= 3)
+        assert all(np.ptp(rgb) < 12 for rgb in got["noir"])
+        assert all(rgb[0] > rgb[1] + 50 for rgb in got["paint"])
