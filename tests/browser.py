@@ -24,6 +24,14 @@ CHROMIUM = os.environ.get("DREAMSTREAM_CHROMIUM") or shutil.which("chromium") or
 # a fake camera (a moving test pattern) that needs no permission prompt
 CHROMIUM_ARGS = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", "--no-sandbox"]
 FULL_HD = {"width": 1920, "height": 1080}
+# Playwright starts Chromium with these, which a user's browser does not have: they keep a background
+# tab's timers and renderer at full speed. A test about background tabs must run without them, or it
+# could not fail.
+KEEP_BACKGROUND_AWAKE = [
+    "--disable-background-timer-throttling",
+    "--disable-backgrounding-occluded-windows",
+    "--disable-renderer-backgrounding",
+]
 
 
 def chromium_missing() -> str | None:
@@ -38,13 +46,17 @@ def chromium_missing() -> str | None:
 
 
 @contextlib.contextmanager
-def launch_chromium(extra_args: list[str] | None = None) -> Iterator[object]:
-    """A headless Chromium Browser (playwright.sync_api.Browser)."""
+def launch_chromium(extra_args: list[str] | None = None, like_a_user: bool = False) -> Iterator[object]:
+    """A headless Chromium Browser (playwright.sync_api.Browser).
+
+    `like_a_user`: without Playwright's switches that keep background tabs awake (KEEP_BACKGROUND_AWAKE),
+    so a tab behind another one is slowed down as in the browser a streamer uses."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
         args = [*CHROMIUM_ARGS, *(extra_args or [])]
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
+        ignore = KEEP_BACKGROUND_AWAKE if like_a_user else None
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True, ignore_default_args=ignore)
         try:
             yield browser
         finally:
@@ -66,11 +78,26 @@ def browser_fixture() -> Iterator[object]:
         yield b
 
 
+@pytest.fixture(scope="module", name="browser")
+def user_browser_fixture() -> Iterator[object]:
+    """The `browser` fixture as a streamer's Chromium: a tab behind another is slowed down (`like_a_user`)."""
+    why = chromium_missing()
+    require_or_skip(why is None, why or "")
+    with launch_chromium(like_a_user=True) as b:
+        yield b
+
+
 @contextlib.contextmanager
-def open_page(browser, url: str, viewport: dict[str, int] | None = None, errors: list[str] | None = None):
-    """A fresh page (its own context) at `url`; JS errors and console errors go to `errors`."""
-    context = browser.new_context(viewport=viewport or FULL_HD, device_scale_factor=1)
+def open_page(
+    browser, url: str, viewport: dict[str, int] | None = None, errors: list[str] | None = None, init_script: str = ""
+):
+    """A fresh page (its own context) at `url`; JS errors and console errors go to `errors`.
+
+    `init_script` runs before the page's own scripts (e.g. to take an API away and test a fallback)."""
+    context = browser.new_context(viewport=viewport or FULL_HD, device_scale_factor=1, accept_downloads=True)
     page = context.new_page()
+    if init_script:
+        page.add_init_script(init_script)
     if errors is not None:
         page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
         page.on("console", lambda msg: msg.type == "error" and errors.append(f"console: {msg.text}"))
