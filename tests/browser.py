@@ -1,4 +1,4 @@
-"""Headless Chromium for the page tests (and docs/make_screenshots.py), plus a Python broadcaster.
+"""Headless Chromium for the page tests (and docs/make_screenshots.py), plus a Python broadcaster and viewer.
 
 Chromium is Debian's `/usr/bin/chromium` (apt: chromium chromium-driver fonts-dejavu-core), driven by
 Playwright; `playwright install` is never needed. `DREAMSTREAM_CHROMIUM` points at another binary.
@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from websockets.sync.client import connect
 
 from tests.helpers import require_or_skip
 
@@ -182,8 +185,6 @@ class FramePusher:
         self._thread.join(10)
 
     def _run(self) -> None:
-        from websockets.sync.client import connect
-
         while not self._stop.is_set():
             try:
                 with connect(self.url, open_timeout=5, max_size=None) as ws:
@@ -197,3 +198,34 @@ class FramePusher:
                         time.sleep(1.0 / self.fps)
             except Exception:  # server gone or restarting: try again shortly
                 self._stop.wait(0.3)
+
+
+class ViewerThread(threading.Thread):
+    """A Python viewer on a stream, collecting binary frames while the browser broadcasts."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.frames: list[bytes] = []
+        self.statuses: list[dict] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with connect(self.url, max_size=None) as ws:
+            while not self.stop.is_set():
+                try:
+                    message = ws.recv(timeout=0.2)
+                except TimeoutError:
+                    continue
+                if isinstance(message, bytes):
+                    self.frames.append(message)
+                else:
+                    msg = json.loads(message)
+                    if msg["type"] == "status":
+                        self.statuses.append(msg)
+
+
+def stream_summary(server, stream_id: str) -> dict | None:
+    with urllib.request.urlopen(f"{server.http}/api/streams", timeout=5) as resp:
+        streams = json.loads(resp.read())["streams"]
+    return next((s for s in streams if s["stream_id"] == stream_id), None)

@@ -131,7 +131,13 @@ def test_page_reconnects_after_a_server_restart(tmp_path, browser):
     ):
         wait_for_frames(page, at_least=3)
         assert near(show_colour(page, RED)[540, 960], RED)
-        srv.restart()  # same port; the pusher and the page must both find it again
+        page.wait_for_function("() => document.querySelector('[data-hud=latency]').textContent.endsWith(' ms')")
+        srv.stop()
+        # while it reconnects, the HUD shows no latency from before (it would look live when it is not)
+        page.wait_for_function("() => document.querySelector('[data-hud=state]').textContent.includes('reconnecting')")
+        assert page.text_content("[data-hud=latency]") == "–"
+        assert page.text_content("[data-hud=server]") == "–"
+        srv.start()  # same port; the pusher and the page must both find it again
         pusher.frame = solid_jpeg(BLUE, (512, 288))
         page.wait_for_function("() => window.dreamstream.view.feed.socket.reconnects >= 1", timeout=20_000)
         before = frames_drawn(page)
@@ -234,6 +240,8 @@ def _get(url: str) -> tuple[int, dict[str, str], str]:
         ("/overlay/bad%20id", "stream id must be 1-64"),
         ("/overlay/bad%20id/compare", "stream id must be 1-64"),
         ("/view/x?fit=%3Cb%3E", "fit must be cover, contain or fill"),
+        ("/dock/bad%20id", "stream id must be 1-64"),
+        ("/dock/x?token=" + "t" * 600, "token must be at most 512 characters"),
     ],
 )
 def test_bad_options_get_a_readable_400(server, path, complaint):
@@ -245,7 +253,7 @@ def test_bad_options_get_a_readable_400(server, path, complaint):
 
 
 def test_pages_send_a_strict_content_security_policy(server):
-    for path in ("/", "/view/x", "/overlay/x?fit=contain&fade=250&debug=1", "/overlay/x/compare"):
+    for path in ("/", "/view/x", "/overlay/x?fit=contain&fade=250&debug=1", "/overlay/x/compare", "/dock/x?key=k"):
         status, headers, body = _get(server.http + path)
         assert status == 200, path
         assert "script-src 'self'" in headers["content-security-policy"]

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 import simplejpeg
 from PIL import Image
-from websockets.sync.client import connect
 
 from tests.browser import (
+    ViewerThread,
     open_page,
     screenshot_rgba,
+    stream_summary,
     user_browser_fixture,  # noqa: F401  (the `browser` fixture: background tabs slowed as in a user's browser)
     wait_for_frames,
 )
@@ -44,37 +43,6 @@ HEALTH_PROCESSORS = {
 def server(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("studio-server"), processor="filter") as srv:
         yield srv
-
-
-class ViewerThread(threading.Thread):
-    """A Python viewer on a stream, collecting binary frames while the browser broadcasts."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url = url
-        self.frames: list[bytes] = []
-        self.statuses: list[dict] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        with connect(self.url, max_size=None) as ws:
-            while not self.stop.is_set():
-                try:
-                    message = ws.recv(timeout=0.2)
-                except TimeoutError:
-                    continue
-                if isinstance(message, bytes):
-                    self.frames.append(message)
-                else:
-                    msg = json.loads(message)
-                    if msg["type"] == "status":
-                        self.statuses.append(msg)
-
-
-def stream_summary(server, stream_id: str) -> dict | None:
-    with urllib.request.urlopen(f"{server.http}/api/streams", timeout=5) as resp:
-        streams = json.loads(resp.read())["streams"]
-    return next((s for s in streams if s["stream_id"] == stream_id), None)
 
 
 def messages(page) -> str:
