@@ -7,6 +7,7 @@ bytes or the exception that stopped it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import threading
@@ -15,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from service.engine import Engine, FrameJob
+from service.processors import availability
 
 log = logging.getLogger("dreamstream.backend")
 
@@ -29,6 +31,21 @@ class ProcessorBackend(ABC):
 
     async def start(self) -> None:
         """Load and warm up the default processor before the first frame arrives."""
+
+    def availability(self, processor_type: str) -> str:
+        """"" when this backend can run `processor_type`, else why not (for the processors a server offers)."""
+        return ""
+
+    def is_loaded(self, processor_type: str) -> bool:
+        """Whether frames of `processor_type` run at once (a stream switching to one that is not waits for `load`)."""
+        return True
+
+    async def load(self, processor_type: str) -> None:
+        """Load and warm up `processor_type` without holding up the frames of the processors already loaded."""
+
+    def processor_state(self, processor_type: str) -> dict[str, Any]:
+        """SPEC §7's state of one offered processor: ready | loading | unavailable, with progress and reason."""
+        return {"state": "ready", "progress": 1.0}
 
     @abstractmethod
     async def process(self, jobs: list[FrameJob]) -> list[bytes | Exception]: ...
@@ -51,10 +68,10 @@ class _Worker:
     that never returns would keep a stopped server from ever exiting.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "dreamstream-worker") -> None:
         self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future, Any] | None]
         self._calls = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="dreamstream-worker", daemon=True).start()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -99,22 +116,70 @@ class LocalBackend(ProcessorBackend):
         self.device = "cpu"
         self._worker = _Worker()
         self._lock = asyncio.Lock()  # one call at a time, so the timeout measures processing, not queueing
+        # Loads run on a thread of their own: a processor that takes a minute to load (or fails to) never
+        # holds up the frames of the processors already serving.
+        self._loader = _Worker("dreamstream-loader")
+        self._loads: dict[str, asyncio.Future] = {}
+        self._load_errors: dict[str, str] = {}
 
     async def start(self) -> None:
-        async with self._lock:
-            proc = await self._worker.submit(self.engine.processor, self.processor)
-        self.device = proc.device
+        await self.load(self.processor)
+        self.device = self.engine.processors[self.processor].device
+
+    def availability(self, processor_type: str) -> str:
+        return availability(processor_type)
+
+    def is_loaded(self, processor_type: str) -> bool:
+        return processor_type in self.engine.processors
+
+    async def load(self, processor_type: str) -> None:
+        if processor_type in self.engine.processors:
+            return
+        if processor_type not in self._loads:
+            self._loads[processor_type] = self._loader.submit(self._load_now, processor_type)
+        future = self._loads[processor_type]
+        try:
+            await asyncio.shield(future)
+        except Exception as exc:
+            self._load_errors[processor_type] = str(exc)
+            raise
+        finally:
+            if self._loads.get(processor_type) is future and future.done():
+                del self._loads[processor_type]
+
+    def _load_now(self, processor_type: str) -> None:
+        try:
+            self.engine.processor(processor_type)
+        finally:
+            gc.collect()  # what a failed load allocated goes back now, not at some later collection
+
+    def processor_state(self, processor_type: str) -> dict[str, Any]:
+        if processor_type in self.engine.processors:
+            return {"state": "ready", "progress": 1.0, "loaded": True}
+        if processor_type in self._loads:
+            return {"state": "loading", "progress": 0.0, "loaded": False}
+        state: dict[str, Any] = {"state": "ready", "progress": 0.0, "loaded": False}
+        if processor_type in self._load_errors:
+            state["reason"] = f"the last load failed: {self._load_errors[processor_type]}"
+        return state
 
     async def process(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
+        """Style `jobs` on the worker. A processor not loaded yet (a one-off request, or a stream whose switch raced
+        its load) loads first, off the worker and outside the processing timeout; frames of a processor that fails
+        to load get that failure, and never reach the worker."""
+        failed: dict[str, Exception] = {}
+        for processor_type in {job.config.processor_type for job in jobs} - self.engine.processors.keys():
+            try:
+                await self.load(processor_type)
+            except Exception as exc:
+                failed[processor_type] = exc
+        runnable = [job for job in jobs if job.config.processor_type not in failed]
+        results = iter(await self._run(runnable) if runnable else [])
+        return [failed[job.config.processor_type] if job.config.processor_type in failed else next(results)
+                for job in jobs]
+
+    async def _run(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
         async with self._lock:
-            # A stream that switches to a processor not loaded yet waits for its load and warm-up
-            # (minutes of compiling on a GPU) outside the processing timeout; meanwhile its frames
-            # queue newest-wins in the hub. A failed load is remembered and reported per frame by run.
-            for processor_type in {job.config.processor_type for job in jobs} - self.engine.processors.keys():
-                try:
-                    await self._worker.submit(self.engine.processor, processor_type)
-                except Exception:
-                    pass
             abandoned = threading.Event()
             future = self._worker.submit(self.engine.run, jobs, abandoned)
             try:
@@ -137,6 +202,7 @@ class LocalBackend(ProcessorBackend):
 
     async def close(self) -> None:
         self._worker.stop()
+        self._loader.stop()
 
 
 class CallableBackend(ProcessorBackend):

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import errno
-import importlib.metadata
 import logging
-import os
-import socket
 import sys
-from collections.abc import Awaitable, Callable
 
-import uvicorn
-
+from service import server
 from service.config import PROCESSOR_TYPES, Settings
+from service.version import package_version
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-# Used when the package is run from a checkout without being installed; kept equal to pyproject.toml's version.
-__version__ = "0.1.0"
-
-
-def package_version() -> str:
-    try:
-        return importlib.metadata.version("dreamstream")
-    except importlib.metadata.PackageNotFoundError:
-        return __version__
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,56 +41,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn's shutdown closes every WebSocket with 1012 (service restart) and only then runs the app's
-    lifespan shutdown; `drain` goes first, so clients get 1001 (going away) and the frame in flight."""
-
-    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(config)
-        self.drain = drain
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        try:
-            await self.drain()
-        except Exception:  # a failed drain must not stop the shutdown itself
-            logging.getLogger("dreamstream").exception("draining the streams failed")
-        await super().shutdown(sockets)
-
-
-def bind_error(host: str, port: int) -> OSError | None:
-    """Bind (and release) host:port the way uvicorn will: every address host resolves to, SO_REUSEADDR on POSIX
-    (asyncio's default for create_server), IPv6 sockets v6-only. The error if one cannot be bound, else None."""
-    try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        return exc
-    for family, kind, proto, _name, address in addresses:
-        with socket.socket(family, kind, proto) as sock:
-            if os.name == "posix":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(address)
-            except OSError as exc:
-                return exc
-    return None
-
-
-def bind_problem(host: str, port: int) -> str | None:
-    """One line saying why `dreamstream serve` cannot listen on host:port and what to do; None when it can."""
-    error = bind_error(host, port)
-    if error is None:
-        return None
-    if error.errno == errno.EADDRINUSE:
-        free = next((p for p in range(port + 1, min(port + 20, 65536)) if bind_error(host, p) is None), port + 1)
-        return (
-            f"dreamstream serve: port {port} on {host} is in use (another dreamstream?). "
-            f'Pick another with --port {free}, or with make: make serve ARGS="--port {free}"'
-        )
-    return f"dreamstream serve: cannot listen on {host} port {port}: {error.strerror or error}"
-
-
 def serve(args: argparse.Namespace) -> int:
     from service.auth import install_log_redaction
 
@@ -116,7 +52,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"dreamstream serve: {exc}", file=sys.stderr)
         return 2
     # Before the app (and its processor) loads, so a busy port is said at once, not after seconds of startup.
-    problem = bind_problem(settings.host, settings.port)
+    problem = server.bind_problem(settings.host, settings.port)
     if problem is not None:
         print(problem, file=sys.stderr)
         return 2
@@ -127,40 +63,7 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dreamstream serve: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
-        # Bounds the memory one client can make us hold: a bigger message closes its socket (1009).
-        # It is above the frame limit, so an oversized frame still gets `too_large` and the socket lives.
-        ws_max_size=settings.ws_max_size,
-        # Every client offers permessage-deflate, and uvicorn would accept it and compress each frame
-        # once per viewer: ~4 ms of CPU per 50 kB JPEG per viewer, for JPEG bytes that barely shrink.
-        ws_per_message_deflate=False,
-        timeout_graceful_shutdown=10,
-    )
-    return run_server(DrainingServer(config, app.state.dreamstream.drain))
-
-
-def run_server(server: uvicorn.Server) -> int:
-    """Run until stopped; the exit status. Ctrl+C is a normal stop (0); a port lost to another process after
-    `bind_problem` said it was free gets the same line and status (2) as a port found busy beforehand."""
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        # uvicorn handles SIGINT itself (drain, shutdown), then re-raises it to the default handler once its own
-        # is removed, which ends in this KeyboardInterrupt: the shutdown is already done, so this is a clean stop.
-        return 0
-    except SystemExit as exc:  # uvicorn's sys.exit(3): the port could not be bound, or the app failed to start
-        config = server.config
-        problem = bind_problem(config.host, config.port)
-        if problem is not None:
-            print(problem, file=sys.stderr)
-            return 2
-        print("dreamstream serve: the server did not start; the log above says why", file=sys.stderr)
-        return exc.code if isinstance(exc.code, int) else 1
-    return 0
+    return server.serve(app, settings, args.log_level)
 
 
 def main(argv: list[str] | None = None) -> int:

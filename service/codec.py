@@ -17,23 +17,15 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from service.errors import ClientError
+
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_SIDE = 4096
 DEFAULT_QUALITY = 85  # JPEG quality of styled frames (the server's Settings.jpeg_quality defaults to it too)
 _DATA_URL_RE = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 
 
-class FrameError(ValueError):
-    """A frame we refuse. `code` is the protocol error code: `bad_frame` or `too_large`."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __reduce__(self) -> tuple[type[FrameError], tuple[str, str]]:
-        """Pickle by (code, message): a FrameError comes back from the Modal GPU pool as a return value."""
-        return type(self), (self.code, self.message)
+FrameError = ClientError  # a frame we refuse: code `bad_frame` or `too_large`
 
 
 @dataclass(frozen=True)

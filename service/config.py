@@ -1,20 +1,67 @@
-"""Server settings and per-stream config: plain data, read from env vars and CLI flags in one place."""
+"""Server settings and per-stream config: plain data, read from env vars and CLI flags in one place.
+
+Three things live here, each once:
+- `PROCESSORS`, the processor table: every processor type, its step counts, what it needs, whether users see it.
+- `StreamConfig`, one strict pydantic model: the WebSocket `config` check, the HTTP config check and the OpenAPI
+  schema all come from it.
+- `Settings`, everything a server is started with; `Settings.from_env()` is the one reader of DREAMSTREAM_* vars.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-PROCESSOR_TYPES = ("filter", "standard", "lightning", "identity")
-LIGHTNING_STEPS = (1, 2, 4, 8)
-DEFAULT_STEPS = {"filter": 2, "identity": 1, "standard": 25, "lightning": 4}
-STREAM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.errors import ClientError
+
+
+@dataclass(frozen=True)
+class ProcessorKind:
+    """One row of the processor table."""
+
+    name: str
+    entry: str  # "module:Class", imported only when the processor is first built
+    default_steps: int
+    summary: str
+    steps: tuple[int, ...] | None = None  # the only step counts it runs (None: 1-100)
+    diffusion: bool = False  # needs the diffusion extra (torch, diffusers) and model weights
+    offered: bool = True  # offered to users (identity is for tests and benchmarks)
+
+
+PROCESSORS: dict[str, ProcessorKind] = {
+    kind.name: kind
+    for kind in (
+        ProcessorKind("filter", "service.processors.filter:FilterProcessor", 2,
+                      "a painterly CPU filter: no GPU, no weights"),
+        ProcessorKind("standard", "service.processors.standard:StandardProcessor", 25,
+                      "Stable Diffusion 1.5 img2img + depth ControlNet: the quality mode", diffusion=True),
+        ProcessorKind("lightning", "service.processors.lightning:LightningProcessor", 4,
+                      "SDXL-Lightning, 1-8 steps: the live mode", steps=(1, 2, 4, 8), diffusion=True),
+        ProcessorKind("identity", "service.processors.base:IdentityProcessor", 1,
+                      "frames unchanged (tests and relay benchmarks)", offered=False),
+    )
+}
+PROCESSOR_TYPES = tuple(PROCESSORS)
+OFFERED_TYPES = tuple(name for name, kind in PROCESSORS.items() if kind.offered)
+DEFAULT_STEPS = {name: kind.default_steps for name, kind in PROCESSORS.items()}
+LIGHTNING_STEPS: tuple[int, ...] = PROCESSORS["lightning"].steps or ()
+STREAM_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def valid_stream_id(stream_id: str) -> bool:
-    return bool(STREAM_ID_RE.match(stream_id))
+    return bool(STREAM_ID_RE.fullmatch(stream_id))  # fullmatch: `$` would also take "main\n"
+
+
+def check_steps(processor_type: str, num_steps: int) -> None:
+    """ValueError for a step count `processor_type` cannot run (lightning has one distilled UNet per count)."""
+    allowed = PROCESSORS[processor_type].steps
+    if allowed is not None and num_steps not in allowed:
+        choices = ", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}"
+        raise ValueError(f"num_steps must be {choices} for the {processor_type} processor, got {num_steps!r}")
 
 
 def _env_number(name: str, default: float, kind: type[int] | type[float]) -> Any:
@@ -27,6 +74,10 @@ def _env_number(name: str, default: float, kind: type[int] | type[float]) -> Any
     except ValueError as exc:
         what = "an integer" if kind is int else "a number"
         raise ValueError(f"{name} must be {what}, got {raw!r}") from exc
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
 
 
 def parse_stream_keys(raw: str) -> dict[str, str]:
@@ -43,46 +94,96 @@ def parse_stream_keys(raw: str) -> dict[str, str]:
     return keys
 
 
-@dataclass(frozen=True)
-class StreamConfig:
-    """What one stream is restyled with. Each stream has its own copy; `config` messages change it."""
+def parse_processor_list(items: list[str], source: str = "DREAMSTREAM_PROCESSORS") -> tuple[str, ...] | None:
+    """`filter,lightning` -> ("filter", "lightning"); an empty list -> None (what this machine can run)."""
+    if not items:
+        return None
+    unknown = [item for item in items if item not in PROCESSORS]
+    if unknown:
+        raise ValueError(f"{source}: unknown processor {unknown[0]!r}; choose from {', '.join(OFFERED_TYPES)}")
+    return tuple(dict.fromkeys(items))
 
-    prompt: str = "Van Gogh style painting"
-    strength: float = 0.7
-    num_steps: int = 4
-    processor_type: str = "filter"
+
+# What each config key must be, in words, for `bad_config` messages (they never echo the value itself).
+_RULES = {
+    "prompt": "a string of at most 1000 characters",
+    "strength": "a finite number in (0, 1]",
+    "num_steps": "between 1 and 100 (an integer)",
+    "processor_type": f"one of {', '.join(OFFERED_TYPES)}",
+    "use_controlnet": "true or false",
+    "seed": "an integer from 0 to 2^63-1",
+}
+
+
+class StreamConfig(BaseModel):
+    """What one stream is restyled with. Each stream has its own copy; `config` messages change it.
+
+    Strict: JSON's types only (no "0.5" for a number, no true for an integer), no unknown keys. Every field has
+    a default, so the model's JSON schema is also the schema of a partial change (the HTTP config body).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    prompt: str = Field("Van Gogh style painting", max_length=1000)
+    strength: float = Field(0.7, gt=0, le=1, allow_inf_nan=False)
+    num_steps: int = Field(4, ge=1, le=100)
+    processor_type: Literal[PROCESSOR_TYPES] = "filter"  # type: ignore[valid-type]
     use_controlnet: bool = True
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**63)
+
+    @model_validator(mode="after")
+    def _steps_fit_processor(self) -> StreamConfig:
+        check_steps(self.processor_type, self.num_steps)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
 
     def updated(self, changes: dict[str, Any]) -> StreamConfig:
-        """A copy with `changes` applied, checked by `validate`.
+        """A copy with `changes` applied, or ClientError("bad_config") saying which key is wrong and why.
 
         Switching processor without naming `num_steps` takes the new processor's default step count.
         """
+        if not isinstance(changes, dict):
+            raise ClientError("bad_config", "config must be a JSON object")
         changes = dict(changes)
         new_type = changes.get("processor_type", self.processor_type)
-        if new_type != self.processor_type and "num_steps" not in changes and new_type in DEFAULT_STEPS:
+        if isinstance(new_type, str) and new_type != self.processor_type and "num_steps" not in changes \
+                and new_type in DEFAULT_STEPS:
             changes["num_steps"] = DEFAULT_STEPS[new_type]
-        new = replace(self, **changes)
-        new.validate()
-        return new
+        try:
+            return StreamConfig.model_validate({**self.model_dump(), **changes})
+        except ValidationError as exc:
+            raise config_error(exc, changes) from None
 
-    def validate(self) -> None:
-        if self.processor_type not in PROCESSOR_TYPES:
-            raise ValueError(f"processor_type must be one of {', '.join(PROCESSOR_TYPES[:3])}")
-        if not 0.0 < self.strength <= 1.0:
-            raise ValueError("strength must be in (0, 1]")
-        if not 1 <= self.num_steps <= 100:
-            raise ValueError("num_steps must be between 1 and 100")
-        if self.processor_type == "lightning" and self.num_steps not in LIGHTNING_STEPS:
-            raise ValueError("num_steps must be 1, 2, 4 or 8 for the lightning processor")
-        if len(self.prompt) > 1000:
-            raise ValueError("prompt must be at most 1000 characters")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError("seed must be a non-negative integer")
+    @classmethod
+    def http_schema(cls) -> dict[str, Any]:
+        """The JSON schema of a config change, for the OpenAPI document."""
+        return cls.model_json_schema()
+
+
+def config_error(exc: ValidationError, changes: dict[str, Any]) -> ClientError:
+    """A pydantic error as one readable `bad_config` message about the first wrong key."""
+    first = exc.errors()[0]
+    key = str(first["loc"][0]) if first["loc"] else ""
+    if first["type"] == "extra_forbidden":
+        return ClientError("bad_config", f"unknown config key {key[:40]!r}; known keys: {', '.join(_RULES)}")
+    if key in _RULES:
+        got = changes.get(key)
+        return ClientError("bad_config", f"{key} must be {_RULES[key]}; got {json_type(got)}")
+    message = str(first.get("ctx", {}).get("error") or first["msg"]).removeprefix("Value error, ")
+    return ClientError("bad_config", message)
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for error messages that never echo the value itself."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
 
 @dataclass
@@ -97,11 +198,14 @@ class Settings:
     steps: int | None = None  # None: the processor's default
     use_controlnet: bool = True
     processor_options: dict[str, Any] = field(default_factory=dict)
+    # the processor types streams may switch to (DREAMSTREAM_PROCESSORS); None: those this machine can run
+    processors: tuple[str, ...] | None = None
     # auth
     stream_keys: dict[str, str] = field(default_factory=dict)
     broadcast_key: str | None = None
     viewer_token: str | None = None
     allowed_origins: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names accepted besides ours and loopback
     # limits
     max_frame_bytes: int = 4 * 1024 * 1024
     max_frame_side: int = 4096
@@ -123,9 +227,9 @@ class Settings:
             stream_keys=parse_stream_keys(env.get("DREAMSTREAM_STREAM_KEYS", "")),
             broadcast_key=env.get("DREAMSTREAM_BROADCAST_KEY") or None,
             viewer_token=env.get("DREAMSTREAM_VIEWER_TOKEN") or None,
-            allowed_origins=[
-                o.strip() for o in env.get("DREAMSTREAM_ALLOWED_ORIGINS", "").split(",") if o.strip()
-            ],
+            allowed_origins=_env_list("DREAMSTREAM_ALLOWED_ORIGINS"),
+            allowed_hosts=_env_list("DREAMSTREAM_ALLOWED_HOSTS"),
+            processors=parse_processor_list(_env_list("DREAMSTREAM_PROCESSORS")),
             max_frame_bytes=_env_number("DREAMSTREAM_MAX_FRAME_BYTES", 4 * 1024 * 1024, int),
             max_frame_side=_env_number("DREAMSTREAM_MAX_FRAME_SIDE", 4096, int),
             max_fps=_env_number("DREAMSTREAM_MAX_FPS", 60.0, float),
@@ -146,15 +250,13 @@ class Settings:
 
     def stream_defaults(self, processor: str) -> StreamConfig:
         """A new stream's config under these settings, for `processor` (steps: its default unless set)."""
-        config = StreamConfig(
+        return StreamConfig(
             prompt=self.prompt,
             strength=self.strength,
             num_steps=self.steps or DEFAULT_STEPS.get(processor, 1),
             processor_type=processor,
             use_controlnet=self.use_controlnet,
         )
-        config.validate()
-        return config
 
     @property
     def keys_enabled(self) -> bool:

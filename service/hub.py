@@ -9,18 +9,15 @@ slow viewer simply overwrites, so it skips frames and never slows anyone else.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.websockets import WebSocket
-
-from service import protocol
-from service.codec import jpeg_data_url
+from service import codec, protocol
 from service.config import StreamConfig
+from service.connection import Connection, OutFrame
 from service.metrics import Metrics, RateMeter
 
 log = logging.getLogger("dreamstream.hub")
@@ -36,122 +33,6 @@ class PendingFrame:
     ts: float  # the broadcaster's ts, or the receive time, in ms since the epoch
     received: float = field(default_factory=time.monotonic)
     number: int = 0  # the stream's frames_in count when it arrived: orders results that return out of order
-
-
-@dataclass
-class OutFrame:
-    """A frame ready for viewers. The JSON text is built once and shared by every viewer."""
-
-    jpeg: bytes
-    seq: int
-    ts: float
-    latency_ms: float
-    _text: str | None = None
-
-    def text(self) -> str:
-        if self._text is None:
-            self._text = json.dumps(
-                {
-                    "type": "frame",
-                    "frame": jpeg_data_url(self.jpeg),
-                    "seq": self.seq,
-                    "ts": self.ts,
-                    "latency_ms": round(self.latency_ms, 1),
-                }
-            )
-        return self._text
-
-
-class Connection:
-    """One socket's outbox: control messages in order, frames through a one-slot mailbox.
-
-    Every send to a socket goes through its pump task, so nothing else ever waits on a slow client.
-    """
-
-    def __init__(
-        self, ws: WebSocket, source: str = "styled", binary: bool = False, send_timeout: float | None = None
-    ) -> None:
-        self.ws = ws
-        self.source = source
-        self.binary = binary
-        self.send_timeout = send_timeout
-        self.skipped = 0
-        self._control: deque[str] = deque(maxlen=64)
-        self._frame: OutFrame | None = None
-        self._wake = asyncio.Event()
-        self.closed = False
-        self._close_with: tuple[int, str] | None = None
-        self.finished = asyncio.Event()  # set when the pump has stopped
-        self.sending_since: float | None = None  # when the send in progress began (monotonic)
-        self._pump_task: asyncio.Task | None = None
-        self._expired = False
-
-    def send_control(self, message: dict[str, Any]) -> None:
-        self._control.append(json.dumps(message))
-        self._wake.set()
-
-    def offer(self, frame: OutFrame) -> bool:
-        """Put `frame` in the mailbox; True when it replaced one this viewer never got."""
-        replaced = self._frame is not None
-        if replaced:
-            self.skipped += 1
-        self._frame = frame
-        self._wake.set()
-        return replaced
-
-    async def pump(self) -> None:
-        """Send until the socket fails, `close` is called, `close_after_flush` has flushed, or
-        `expire_if_stuck` finds one send waiting past `send_timeout`."""
-        self._pump_task = asyncio.current_task()
-        try:
-            while not self.closed:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._control:
-                    await self._send(self._control.popleft())
-                frame, self._frame = self._frame, None
-                if frame is not None:
-                    await self._send(frame.jpeg if self.binary else frame.text())
-                if self._close_with is not None and not self._control and self._frame is None:
-                    await self.ws.close(*self._close_with)
-                    return
-        except asyncio.CancelledError:
-            if not self._expired:
-                raise
-            log.info("dropping a viewer that accepted nothing for %.0f s", self.send_timeout)
-        finally:
-            self.finished.set()
-
-    async def _send(self, message: str | bytes) -> None:
-        self.sending_since = time.monotonic()
-        if isinstance(message, bytes):
-            await self.ws.send_bytes(message)
-        else:
-            await self.ws.send_text(message)
-        self.sending_since = None
-
-    def expire_if_stuck(self, now: float) -> None:
-        """Stop the pump (and so drop the socket) when one send has waited past `send_timeout`.
-
-        For clients that stop reading but keep the connection: their TCP window stays shut, so
-        neither an error nor uvicorn's keepalive ping gets through, and they would hold a viewer
-        seat forever. Checked from the stream's once-a-second tick rather than with a timer per
-        send, which cost a tenth of the fan-out's CPU (benchmarks/relay.py).
-        """
-        if self.send_timeout is None or self.sending_since is None or self._pump_task is None:
-            return
-        if now - self.sending_since > self.send_timeout and not self._expired:
-            self._expired = True
-            self._pump_task.cancel()
-
-    def close(self) -> None:
-        self.closed = True
-        self._wake.set()
-
-    def close_after_flush(self, code: int, reason: str) -> None:
-        """Send what is queued (the last frame included), then close the socket with `code`."""
-        self._close_with = (code, reason)
-        self._wake.set()
 
 
 class Stream:
@@ -412,11 +293,14 @@ class StreamHub:
             self._has_work.clear()
         return jobs
 
-    def publish_original(self, stream: Stream, jpeg: bytes, ts: float) -> None:
+    async def show_original(self, stream: Stream, data: bytes, info: codec.FrameInfo, ts: float) -> None:
+        """Show a frame as it came to the stream's `source=original` viewers, if it has any (as JPEG: a PNG or
+        WebP frame is converted off the event loop). ClientError when it cannot be decoded."""
         viewers = [v for v in stream.viewers if v.source == "original"]
-        if viewers:
-            frame = OutFrame(jpeg, stream.frames_in, ts, 0.0)
-            self._offer(stream, viewers, frame)
+        if not viewers:
+            return
+        jpeg = data if info.format == "jpeg" else await asyncio.to_thread(codec.to_jpeg, data, info)
+        self._offer(stream, viewers, OutFrame(jpeg, stream.frames_in, ts, 0.0))
 
     def publish_styled(self, job: Job, jpeg: bytes) -> None:
         stream = job.stream

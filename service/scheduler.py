@@ -21,8 +21,8 @@ import time
 
 from service import protocol
 from service.backends import ProcessorBackend
-from service.codec import FrameError
 from service.engine import FrameJob
+from service.errors import ClientError
 from service.hub import Job, StreamHub
 
 log = logging.getLogger("dreamstream.scheduler")
@@ -112,8 +112,8 @@ class Scheduler:
             for job, result in zip(jobs, results, strict=True):
                 if isinstance(result, bytes):
                     self.hub.publish_styled(job, result)
-                elif isinstance(result, FrameError):
-                    self.hub.tell_broadcaster(job.stream, protocol.error(result.code, result.message))
+                elif isinstance(result, ClientError):
+                    self.hub.tell_broadcaster(job.stream, result.to_message())
                 else:
                     message = f"processing failed: {result}" if str(result) else "processing failed"
                     self.hub.tell_broadcaster(job.stream, protocol.error("processing_failed", message))

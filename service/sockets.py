@@ -10,10 +10,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service import auth, codec, protocol
 from service.config import valid_stream_id
-from service.hub import Connection, HubFull, Stream
+from service.connection import Connection
+from service.errors import ClientError
+from service.hub import HubFull, Stream
 
 if TYPE_CHECKING:
-    from service.app import DreamStream
+    from service.state import DreamStream
 
 log = logging.getLogger("dreamstream.sockets")
 
@@ -44,9 +46,15 @@ def _ds(ws: WebSocket) -> DreamStream:
 
 
 async def _run_until_either(*coros) -> None:
+    """Run the socket's tasks until the first ends (the client left, or the pump stopped); a task that failed is
+    logged, never swallowed."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if not task.cancelled() and isinstance(task.exception(), Exception) \
+                    and not isinstance(task.exception(), (WebSocketDisconnect, ConnectionError)):
+                log.error("a socket task failed", exc_info=task.exception())
     finally:
         for task in tasks:
             task.cancel()
@@ -82,47 +90,43 @@ async def _send_stats(stream: Stream, conn: Connection) -> None:
 
 
 async def _receive_broadcasts(ds: DreamStream, stream: Stream, ws: WebSocket) -> None:
-    max_bytes = ds.settings.max_frame_bytes
+    limits = ds.settings
     while True:
         message = await ws.receive()
         if message["type"] == "websocket.disconnect":
             return
         if stream.broadcaster is None or stream.broadcaster.ws is not ws:
             return  # replaced by a newer broadcaster
+        data, text = message.get("bytes"), message.get("text") or ""
+        if len(data if data is not None else text) > limits.max_message_bytes:
+            # the host's own cap (uvicorn's --ws-max-size) may be higher than ours: the same 1009 either way
+            await ws.close(1009, f"message over {limits.max_message_bytes} bytes (DREAMSTREAM_MAX_MESSAGE_BYTES)")
+            return
         try:
-            if message.get("bytes") is not None:
-                await accept_frame(ds, stream, message["bytes"], None)
+            if data is not None:
+                await accept_frame(ds, stream, data, None)
                 continue
-            parsed = protocol.parse_text(message.get("text") or "", max_bytes)
+            parsed = protocol.parse_text(text, limits.max_frame_bytes)
             if isinstance(parsed, protocol.FrameMessage):
                 await accept_frame(ds, stream, parsed.data, parsed.ts)
             elif isinstance(parsed, protocol.ConfigMessage):
-                try:
-                    config = ds.hub.set_config(stream, parsed.changes)
-                except ValueError as exc:
-                    raise protocol.ProtocolError("bad_config", str(exc)) from None
-                ds.hub.tell_broadcaster(stream, protocol.config_reply(config.to_dict()))
+                config = ds.change_config(stream, parsed.changes)
+                reply = protocol.config_reply(config.to_dict())
+                if (loading := ds.switching_to(stream)) is not None:
+                    reply["loading"] = loading
+                ds.hub.tell_broadcaster(stream, reply)
             else:
                 ds.hub.tell_broadcaster(stream, protocol.pong())
-        except protocol.ProtocolError as exc:
-            ds.hub.tell_broadcaster(stream, protocol.error(exc.code, exc.message))
+        except ClientError as exc:
+            ds.hub.tell_broadcaster(stream, exc.to_message())
 
 
 async def accept_frame(ds: DreamStream, stream: Stream, data: bytes, ts: float | None) -> None:
     """Check the frame's header against the limits, make it the newest, and show it to `source=original` viewers."""
-    try:
-        info = codec.probe(data, ds.settings.max_frame_bytes, ds.settings.max_frame_side)
-    except codec.FrameError as exc:
-        raise protocol.ProtocolError(exc.code, exc.message) from None
+    info = codec.probe(data, ds.settings.max_frame_bytes, ds.settings.max_frame_side)
     ts = ts if ts is not None else protocol.now_ms()
-    if not ds.hub.submit(stream, data, ts):
-        return
-    if any(v.source == "original" for v in stream.viewers):
-        try:
-            jpeg = data if info.format == "jpeg" else await asyncio.to_thread(codec.to_jpeg, data, info)
-        except codec.FrameError as exc:
-            raise protocol.ProtocolError(exc.code, exc.message) from None
-        ds.hub.publish_original(stream, jpeg, ts)
+    if ds.hub.submit(stream, data, ts):
+        await ds.hub.show_original(stream, data, info, ts)
 
 
 async def viewer_socket(ws: WebSocket, stream_id: str) -> None:

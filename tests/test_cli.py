@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from service import cli
+from service import server, version
 from service.config import Settings
 from tests.helpers import ROOT, free_port
 
@@ -57,7 +57,7 @@ def test_version():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"dreamstream {importlib.metadata.version('dreamstream')}"
     # the fallback for a checkout that is not installed must not drift from the package's version
-    assert cli.__version__ == importlib.metadata.version("dreamstream")
+    assert version.__version__ == importlib.metadata.version("dreamstream")
 
 
 def test_no_arguments_prints_usage_and_exits_2():
@@ -119,8 +119,7 @@ def test_port_lost_after_the_check_gets_the_same_line(capsys):
     with port_taken() as port:
         settings = Settings.from_env(host="127.0.0.1", port=port, processor="filter")
         app = create_app(settings)
-        config = cli.uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
-        status = cli.run_server(cli.DrainingServer(config, app.state.dreamstream.drain))
+        status = server.serve(app, settings, log_level="warning")
     assert status == 2
     assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
 

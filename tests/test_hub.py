@@ -33,13 +33,13 @@ def test_frames_styled_with_an_old_config_are_never_shown():
         [job] = hub.take_batch(8)
         hub.set_config(stream, {"prompt": "new style"})  # arrives while frame 1 is being styled
         hub.publish_styled(job, b"styled-with-old-prompt")
-        assert viewer._frame is None
+        assert viewer.waiting_frame is None
         assert stream.dropped == 1
         hub.submit(stream, b"frame-2", 2.0)
         [job] = hub.take_batch(8)
         assert job.config.prompt == "new style"
         hub.publish_styled(job, b"styled-with-new-prompt")
-        assert viewer._frame.jpeg == b"styled-with-new-prompt"
+        assert viewer.waiting_frame.jpeg == b"styled-with-new-prompt"
 
     asyncio.run(main())
 
@@ -90,7 +90,7 @@ def test_a_result_that_returns_after_a_newer_one_is_dropped():
         [second] = hub.take_batch(8)
         hub.publish_styled(second, b"styled-2")
         hub.publish_styled(first, b"styled-1")
-        assert viewer._frame.jpeg == b"styled-2"
+        assert viewer.waiting_frame.jpeg == b"styled-2"
         assert stream.frames_out == 1 and stream.dropped == 1
 
     asyncio.run(main())
@@ -126,7 +126,7 @@ def test_a_remote_pool_gets_several_batches_in_flight():
         await scheduler.stop()
         assert peak == 4
         assert stream.frames_out >= 10  # one round at a time would give at most ~5 in 0.25 s
-        assert viewer._frame.jpeg == b"frame-39"
+        assert viewer.waiting_frame.jpeg == b"frame-39"
 
     asyncio.run(main())
 

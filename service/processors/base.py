@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from service.codec import pil_to_rgb, rgb_to_pil
-from service.config import LIGHTNING_STEPS
+from service.config import check_steps
 
 log = logging.getLogger("dreamstream.processors")
 
@@ -42,10 +42,7 @@ def check_settings(style_prompt: Any, strength: Any, num_steps: Any) -> None:
 
 
 def check_lightning_steps(num_steps: int) -> None:
-    if num_steps not in LIGHTNING_STEPS:
-        raise ValueError(
-            f"num_steps must be 1, 2, 4 or 8 for the lightning processor (one distilled UNet each), got {num_steps!r}"
-        )
+    check_steps("lightning", num_steps)
 
 
 class Processor(ABC):
