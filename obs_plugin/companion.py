@@ -5,9 +5,12 @@
 
 The capture thread blocks on OBS; the server link runs on asyncio; the one-slot mailbox between
 them means a slow side drops old frames rather than queueing them. Both sides reconnect on their
-own. Exit codes: 0 stopped by the user (Ctrl+C / SIGTERM), 2 a configuration error (wrong
-password, missing source, feedback loop, no browser_source, refused stream key), 3 ended by
-someone else (kicked by OBS, replaced by another broadcaster), 1 anything unexpected.
+own. The stream key is checked with the server first, before OBS (`check_server`). With
+`--sync-audio INPUT` a third thread keeps INPUT's audio sync offset at the measured latency
+(obs_plugin/audio_sync.py). Exit codes: 0 stopped by the user (Ctrl+C / SIGTERM), 2 a configuration
+error (wrong password, a port that is not OBS, missing source or audio input, feedback loop, no
+browser_source, refused stream key), 3 ended by someone else (kicked by OBS, replaced by another
+broadcaster), 1 anything unexpected.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ import threading
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from obs_plugin.audio_sync import AudioSync
 from obs_plugin.capture import CaptureOptions, Capturer, Mailbox
 from obs_plugin.obs_client import ObsFatal, ObsSessionKicked, silence_obsws_logging
 from obs_plugin.overlay import overlay_url, redact
-from obs_plugin.server_link import LinkEnded, ServerLink, broadcaster_url
-from obs_plugin.status import Stats
+from obs_plugin.server_link import LinkEnded, ServerLink, broadcaster_url, check_server
+from obs_plugin.status import Snapshot, Stats
 from service.config import valid_stream_id
 
 log = logging.getLogger("dreamstream.obs")
@@ -59,6 +63,9 @@ def add_obs_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scene for --install-overlay (default: the current program scene)")
     parser.add_argument("--token", default=None,
                         help="viewer token put into the overlay URL (default: $DREAMSTREAM_VIEWER_TOKEN)")
+    parser.add_argument("--sync-audio", default=None, metavar="INPUT",
+                        help="keep the audio sync offset of this OBS input (your microphone) at the measured "
+                             "latency of the styled video; the old offset is restored on exit")
 
 
 def _check_args(args: argparse.Namespace) -> str | None:
@@ -98,12 +105,17 @@ def run_obs(args: argparse.Namespace) -> int:
         overlay_scene=args.overlay_scene,
     )
     try:
-        return asyncio.run(_run(options, *broadcaster_url(args.server, args.stream, args.key)))
+        check_server(args.server, args.stream, args.key)
+    except LinkEnded as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    try:
+        return asyncio.run(_run(options, *broadcaster_url(args.server, args.stream, args.key), args.sync_audio))
     except KeyboardInterrupt:
         return EXIT_STOPPED
 
 
-async def _run(options: CaptureOptions, url: str, safe_url: str) -> int:
+async def _run(options: CaptureOptions, url: str, safe_url: str, sync_input: str | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -114,7 +126,8 @@ async def _run(options: CaptureOptions, url: str, safe_url: str) -> int:
     mailbox = Mailbox(stats)
     mailbox.bind(loop)
     link_up = threading.Event()
-    obs_ready = asyncio.Event()
+    obs_ready, sync_ready = asyncio.Event(), asyncio.Event()
+
     def from_thread(event: asyncio.Event) -> Callable[[], None]:
         def fire() -> None:
             with contextlib.suppress(RuntimeError):  # the loop is already closed: we are past shutdown
@@ -123,37 +136,50 @@ async def _run(options: CaptureOptions, url: str, safe_url: str) -> int:
         return fire
 
     capturer = Capturer(options, mailbox, stats, link_up, on_ready=from_thread(obs_ready), on_exit=from_thread(stop))
+    sync = None
+    if sync_input:
+        sync = AudioSync(options, sync_input, stats, on_ready=from_thread(sync_ready), on_exit=from_thread(stop))
+    else:
+        sync_ready.set()
     link = ServerLink(url, safe_url, mailbox, stats, link_up)
     if options.overlay_url:
         log.info("overlay URL for an OBS Browser Source: %s", redact(options.overlay_url))
 
     capturer.start()
-    status_task = asyncio.create_task(_print_status(stats))
-    link_task = asyncio.create_task(_link_after(obs_ready, link, safe_url))
+    if sync is not None:
+        sync.start()
+    status_task = asyncio.create_task(_report_status(stats, 1000.0 / options.fps, advise=sync is None))
+    link_task = asyncio.create_task(_link_after([obs_ready, sync_ready], link, safe_url))
     link_task.add_done_callback(lambda _: stop.set())
     try:
         await stop.wait()
     finally:
         capturer.stop()
+        if sync is not None:
+            sync.stop()  # it puts the audio sync offset back before it ends
         link_up.set()  # wake a capture loop paused for the server
         status_task.cancel()
         link_task.cancel()
         await asyncio.gather(status_task, link_task, return_exceptions=True)
         await asyncio.to_thread(capturer.join, 2.0)
-    return _exit_code(capturer, link_task)
+        if sync is not None:
+            await asyncio.to_thread(sync.join, 8.0)
+    return _exit_code([capturer, sync], link_task)
 
 
-async def _link_after(obs_ready: asyncio.Event, link: ServerLink, safe_url: str) -> None:
-    """Open the broadcaster socket only once OBS passed the checks: a companion about to stop on a
-    typo must not take the stream over from a broadcaster that is already live (close 4000).
+async def _link_after(checks: list[asyncio.Event], link: ServerLink, safe_url: str) -> None:
+    """Open the broadcaster socket only once OBS passed the checks (source, feedback loop, --sync-audio
+    input): a companion about to stop on a typo must not take the stream over from a broadcaster that
+    is already live (close 4000).
     """
-    await obs_ready.wait()
+    for check in checks:
+        await check.wait()
     log.info("streaming to %s; Ctrl+C stops", safe_url)
     await link.run()
 
 
-def _exit_code(capturer: Capturer, link_task: asyncio.Task) -> int:
-    fatal = capturer.fatal
+def _exit_code(threads: list[Capturer | AudioSync | None], link_task: asyncio.Task) -> int:
+    fatal = next((t.fatal for t in threads if t is not None and t.fatal is not None), None)
     if fatal is not None:
         log.error("%s", fatal)
         if isinstance(fatal, ObsSessionKicked):
@@ -171,14 +197,22 @@ def _exit_code(capturer: Capturer, link_task: asyncio.Task) -> int:
     return EXIT_STOPPED
 
 
-async def _print_status(stats: Stats) -> None:
-    """Once a second, what the user needs to judge the stream, including the audio sync to set."""
-    await asyncio.sleep(STATUS_EVERY_S)
-    log.info("set your microphone's Sync Offset (Edit > Advanced Audio Properties) to the audio sync offset "
-             "shown below, so speech stays in step with the styled video")
+async def _report_status(stats: Stats, frame_ms: float, advise: bool) -> None:
+    """The status line whenever something in it a user acts on changes (a new state, a rate or the audio
+    offset moving), checked once a second; and, once latency is measured, what to set the mic's offset to.
+    """
+    printed: Snapshot | None = None
     while True:
-        log.info("status: %s", stats.line())
         await asyncio.sleep(STATUS_EVERY_S)
+        now = stats.snapshot()
+        if printed is None or now.differs_from(printed, frame_ms):
+            log.info("status: %s", stats.line())
+            if advise and now.offset_ms is not None:
+                log.info("set your microphone's Sync Offset (Edit > Advanced Audio Properties) to the audio sync "
+                         "offset in the status line (%+.0f ms now), so speech stays in step with the styled video; "
+                         "or let `--sync-audio MIC` keep it there", now.offset_ms)
+                advise = False  # once: the status line shows the number from now on
+            printed = now
 
 
 def main(argv: list[str] | None = None) -> int:

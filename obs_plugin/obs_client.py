@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import obsws_python
 from obsws_python.error import OBSSDKError
-from websocket import ABNF, WebSocketException, WebSocketTimeoutException
+from websocket import ABNF, WebSocketBadStatusException, WebSocketException, WebSocketTimeoutException
 
 from service.codec import FrameError, split_base64
 
@@ -32,7 +32,11 @@ CLOSE_SESSION_INVALIDATED = 4011  # "kicked" from OBS's WebSocket Server Setting
 
 # obs-websocket v5 RequestStatus values we act on
 STATUS_RESOURCE_NOT_FOUND = 600
+STATUS_INVALID_RESOURCE_STATE = 604  # e.g. an audio request on an input without audio
 STATUS_INVALID_INPUT_KIND = 605
+
+# the range obs-websocket 5 accepts for SetInputAudioSyncOffset, in ms
+AUDIO_SYNC_OFFSET_MIN_MS, AUDIO_SYNC_OFFSET_MAX_MS = -950, 20000
 
 _ids = itertools.count(1)
 
@@ -64,6 +68,10 @@ class ObsAuthError(ObsFatal):
 
 class ObsSessionKicked(ObsFatal):
     pass
+
+
+class ObsNotObs(ObsFatal):
+    """Something answers on the port, but it is not obs-websocket (a wrong --obs-port)."""
 
 
 class ObsRequestError(ObsError):
@@ -152,6 +160,13 @@ class ObsConnection:
             raise ObsUnavailable(f"OBS sent an unreadable screenshot of {source!r} ({exc})") from exc
         return data
 
+    def audio_sync_offset(self, input_name: str) -> int:
+        """The input's audio sync offset in ms (Edit > Advanced Audio Properties > Sync Offset)."""
+        return int(self.request("GetInputAudioSyncOffset", {"inputName": input_name})["inputAudioSyncOffset"])
+
+    def set_audio_sync_offset(self, input_name: str, offset_ms: int) -> None:
+        self.request("SetInputAudioSyncOffset", {"inputName": input_name, "inputAudioSyncOffset": offset_ms})
+
     def close(self) -> None:
         # the socket may already be gone: then there is nothing left to release
         with contextlib.suppress(Exception):
@@ -183,9 +198,22 @@ def _identify(host: str, port: int, password: str, timeout: float) -> obsws_pyth
                     "> Show Connect Info"
                 ) from None
             time.sleep(0.2)
-        except (OSError, WebSocketException, ValueError, KeyError) as exc:
+        except WebSocketBadStatusException as exc:  # an HTTP server that is not obs-websocket
+            raise _not_obs(host, port, f"it answered the WebSocket handshake with HTTP {exc.status_code}") from None
+        except WebSocketException as exc:
+            if str(exc).startswith("Invalid status line"):  # not even HTTP: ssh, a database, ...
+                raise _not_obs(host, port, "it does not speak HTTP") from None
+            raise ObsUnavailable(f"cannot reach OBS at ws://{host}:{port} ({_reason(exc)})") from None
+        except (OSError, ValueError, KeyError) as exc:
             raise ObsUnavailable(f"cannot reach OBS at ws://{host}:{port} ({_reason(exc)})") from None
     raise AssertionError("unreachable")
+
+
+def _not_obs(host: str, port: int, how: str) -> ObsNotObs:
+    return ObsNotObs(
+        f"ws://{host}:{port} is not OBS's WebSocket server ({how}): check --obs-host / --obs-port against "
+        "OBS > Tools > WebSocket Server Settings (OBS's default port is 4455)"
+    )
 
 
 def _closed_error(close_payload: bytes, address: str) -> ObsError:

@@ -12,6 +12,8 @@ import json
 import logging
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -50,6 +52,46 @@ def broadcaster_url(server: str, stream_id: str, key: str | None) -> tuple[str, 
     """(the URL to connect to, the same without the key, for logs)."""
     safe = f"{ws_base(server)}/ws/broadcaster/{stream_id}"
     return (f"{safe}?key={quote(key, safe='')}" if key else safe), safe
+
+
+def http_base(server: str) -> str:
+    """`ws://host:8000` -> `http://host:8000` (wss -> https); http(s) URLs pass through."""
+    parts = urlsplit(ws_base(server))
+    return urlunsplit(({"ws": "http", "wss": "https"}[parts.scheme], parts.netloc, parts.path, "", ""))
+
+
+def check_server(server: str, stream_id: str, key: str | None, timeout: float = 3.0) -> None:
+    """At start, before OBS: is the server there, and does it take this stream key?
+
+    Asks `POST /api/streams/{id}/config` with the key and an empty body: the server checks the key
+    before anything else (401 when wrong) and then refuses the empty body (400) or the stream not
+    being live (404), so nothing changes and no broadcaster is replaced. A refused key raises
+    `LinkEnded` (exit 2); a server that is not up yet is only logged, since the link waits for it.
+    """
+    base = http_base(server)
+    request = urllib.request.Request(f"{base}/api/streams/{stream_id}/config", data=b"", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # like the socket: proxy=None
+    try:
+        with no_proxy.open(request, timeout=timeout) as reply:
+            status = reply.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        shown = "connection refused" if isinstance(reason, ConnectionRefusedError) else str(reason)
+        log.warning("the server at %s is not reachable yet (%s); streaming starts when it is", base, shown)
+        return
+    if status == 401:
+        how = "the stream key given with --key is wrong" if key else "it needs a stream key: pass --key"
+        raise LinkEnded(f"the server at {base} refused stream {stream_id!r}: {how} (the key set with "
+                        "DREAMSTREAM_STREAM_KEYS / DREAMSTREAM_BROADCAST_KEY)", 2)
+    if status in (400, 404, 422):
+        log.info("the server at %s is up and accepts stream %r%s", base, stream_id, " with this key" if key else "")
+    else:
+        log.info("the server at %s answered the key check with HTTP %d; going on", base, status)
 
 
 class ServerLink:

@@ -1,4 +1,4 @@
-"""What the companion measures, and the status line it prints once a second.
+"""What the companion measures, and the status line it prints when something in it changes.
 
 The suggested audio sync offset is the median time from OBS rendering a frame to the styled frame
 reaching a viewer: capture + wait before sending + server processing + one round trip (upload to
@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 _WINDOW_S = 2.0
+MIN_SAMPLES = 5  # frames sent before the pipeline's median means anything
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,36 @@ class Frame:
 
 def _median(values: deque[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The parts of the status line a user acts on; the line is printed again only when one of them changes."""
+
+    obs_state: str
+    server_state: str
+    capture_fps: float
+    offset_ms: float | None
+    server_fps: float | None
+    viewers: object
+
+    def differs_from(self, before: Snapshot, frame_ms: float) -> bool:
+        """A new state, viewer count or measured/lost offset; a rate off by 1 fps and 10 %; an offset moved by
+        one frame interval. Smaller wobbles (a capture rate of 14.5 then 15.0) are not news."""
+        if (self.obs_state, self.server_state, self.viewers) != (before.obs_state, before.server_state, before.viewers):
+            return True
+        if self.offset_ms is None or before.offset_ms is None:
+            if self.offset_ms is not before.offset_ms:
+                return True
+        elif abs(self.offset_ms - before.offset_ms) >= frame_ms:
+            return True
+        return _rate_moved(self.capture_fps, before.capture_fps) or _rate_moved(self.server_fps, before.server_fps)
+
+
+def _rate_moved(now: float | None, before: float | None) -> bool:
+    if now is None or before is None:
+        return now != before
+    return abs(now - before) >= max(1.0, 0.1 * before)
 
 
 @dataclass
@@ -83,19 +114,36 @@ class Stats:
             self.server_state = state
 
     def audio_offset_ms(self) -> float | None:
+        """The median capture -> styled-frame latency; None until every part of it has been measured (the
+        server's processing time comes with its first `stats`, about a second in): a guess from the
+        capture side alone would be far too short."""
         with self.lock:
-            pipeline = _median(self.pipeline_ms)
-            if pipeline is None:
+            if len(self.pipeline_ms) < MIN_SAMPLES or not self.server_ms or not self.rtt_ms:
                 return None
-            return pipeline + (_median(self.server_ms) or 0.0) + (_median(self.rtt_ms) or 0.0)
+            return sum(statistics.median(part) for part in (self.pipeline_ms, self.server_ms, self.rtt_ms))
+
+    def _capture_fps(self, now: float) -> float:
+        """Captures a second over the last two seconds; call with `lock` held."""
+        while self.capture_times and self.capture_times[0] < now - _WINDOW_S:
+            self.capture_times.popleft()
+        return len(self.capture_times) / _WINDOW_S
+
+    def snapshot(self, now: float | None = None) -> Snapshot:
+        now = time.monotonic() if now is None else now
+        offset = self.audio_offset_ms()
+        with self.lock:
+            server_fps = self.server.get("fps_out")
+            return Snapshot(
+                obs_state=self.obs_state, server_state=self.server_state, capture_fps=self._capture_fps(now),
+                offset_ms=offset, server_fps=float(server_fps) if isinstance(server_fps, (int, float)) else None,
+                viewers=self.server.get("viewers"),
+            )
 
     def line(self, now: float | None = None) -> str:
         now = time.monotonic() if now is None else now
         offset = self.audio_offset_ms()
         with self.lock:
-            while self.capture_times and self.capture_times[0] < now - _WINDOW_S:
-                self.capture_times.popleft()
-            fps = len(self.capture_times) / _WINDOW_S
+            fps = self._capture_fps(now)
             capture = _median(self.capture_ms)
             rtt = _median(self.rtt_ms)
             parts = [

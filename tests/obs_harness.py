@@ -208,6 +208,21 @@ class Obs:
                 "inputSettings": {"file": str(image)}, "sceneItemEnabled": True,
             })
 
+    def audio_input(self, scene: str, input_name: str) -> None:
+        """A Media Source (ffmpeg_source) with no file: an input with audio, so it has an audio sync offset."""
+        with self.client() as c:
+            c.send("CreateScene", {"sceneName": scene})
+            c.send("CreateInput", {"sceneName": scene, "inputName": input_name, "inputKind": "ffmpeg_source",
+                                   "inputSettings": {}, "sceneItemEnabled": True})
+
+    def audio_sync_offset(self, input_name: str) -> int:
+        with self.client() as c:
+            return c.send("GetInputAudioSyncOffset", {"inputName": input_name}, raw=True)["inputAudioSyncOffset"]
+
+    def set_audio_sync_offset(self, input_name: str, offset_ms: int) -> None:
+        with self.client() as c:
+            c.send("SetInputAudioSyncOffset", {"inputName": input_name, "inputAudioSyncOffset": offset_ms})
+
     def nest(self, outer: str, inner: str) -> None:
         """Put scene `inner` into scene `outer` as a scene item (nested scene)."""
         with self.client() as c:

@@ -7,6 +7,10 @@ the messages the companion prints, its exit code, and that secrets never show up
 from __future__ import annotations
 
 import asyncio
+import re
+import signal
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -16,12 +20,13 @@ import simplejpeg
 from PIL import Image
 from websockets.sync.client import connect
 
+from obs_plugin.audio_sync import next_offset
 from obs_plugin.capture import Mailbox
 from obs_plugin.obs_client import CLOSE_SESSION_INVALIDATED, ObsSessionKicked, ObsUnavailable, _closed_error
 from obs_plugin.overlay import overlay_url, redact
-from obs_plugin.server_link import broadcaster_url
-from obs_plugin.status import Frame, Stats
-from tests.helpers import running_server
+from obs_plugin.server_link import broadcaster_url, http_base
+from obs_plugin.status import Frame, Snapshot, Stats
+from tests.helpers import free_port, running_server
 from tests.obs_harness import PASSWORD, Obs, companion, running_obs
 
 BROADCAST_KEY = "bk-5ecret-91"
@@ -47,6 +52,7 @@ def obs(tmp_path_factory: pytest.TempPathFactory):
         obs.nest("Show", "Cam")
         obs.nest("Show", "Deco")
         obs.color_scene("Studio B", GREEN, "Studio B colour")
+        obs.audio_input("Audio", "Mic")
         yield obs
 
 
@@ -59,6 +65,11 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 def obs_args(obs: Obs, *extra: str) -> list[str]:
     return ["--obs-port", str(obs.port), *extra]
+
+
+def keyed(obs: Obs, server, *extra: str) -> list[str]:
+    """Flags for a companion the server accepts (the key is checked first), so OBS's own errors show."""
+    return obs_args(obs, "--server", server.ws, "--key", BROADCAST_KEY, *extra)
 
 
 def viewer_frames(url: str, timeout: float = 20.0):
@@ -144,7 +155,7 @@ def run_to_exit(tmp_path: Path, args: list[str], password: str | None = PASSWORD
 
 @pytest.mark.integration
 def test_wrong_password_is_a_clear_error(tmp_path, obs, server):
-    code, out, took = run_to_exit(tmp_path, obs_args(obs, "--source", "Cam", "--stream", "s", "--server", server.ws),
+    code, out, took = run_to_exit(tmp_path, keyed(obs, server, "--source", "Cam", "--stream", "s"),
                                   password="not-the-password")
     assert code == 2 and took < 10, out
     assert "refused the password" in out and "OBS_PASSWORD" in out
@@ -153,7 +164,7 @@ def test_wrong_password_is_a_clear_error(tmp_path, obs, server):
 
 @pytest.mark.integration
 def test_missing_password_is_a_clear_error(tmp_path, obs, server):
-    code, out, _ = run_to_exit(tmp_path, obs_args(obs, "--source", "Cam", "--stream", "s", "--server", server.ws),
+    code, out, _ = run_to_exit(tmp_path, keyed(obs, server, "--source", "Cam", "--stream", "s"),
                                password=None)
     assert code == 2, out
     assert "requires a password: set OBS_PASSWORD" in out
@@ -161,8 +172,7 @@ def test_missing_password_is_a_clear_error(tmp_path, obs, server):
 
 @pytest.mark.integration
 def test_missing_source_lists_what_exists(tmp_path, obs, server):
-    code, out, took = run_to_exit(tmp_path, obs_args(obs, "--source", "Camera 2", "--stream", "s",
-                                                     "--server", server.ws))
+    code, out, took = run_to_exit(tmp_path, keyed(obs, server, "--source", "Camera 2", "--stream", "s"))
     assert code == 2 and took < 10, out
     assert "OBS has no scene or input named 'Camera 2'" in out
     for name in ("'Cam'", "'Picture'", "'Show'", "'Cam colour'", "'Halves image'"):
@@ -172,7 +182,7 @@ def test_missing_source_lists_what_exists(tmp_path, obs, server):
 
 @pytest.mark.integration
 def test_feedback_loop_is_refused_even_in_nested_scenes(tmp_path, obs, server):
-    code, out, _ = run_to_exit(tmp_path, obs_args(obs, "--source", "Show", "--stream", "s", "--server", server.ws))
+    code, out, _ = run_to_exit(tmp_path, keyed(obs, server, "--source", "Show", "--stream", "s"))
     assert code == 2, out
     assert "refusing to capture 'Show'" in out and "feedback loop" in out
     assert "'Show' > 'Deco' > 'DreamStream Overlay'" in out
@@ -190,7 +200,7 @@ def test_overlay_added_while_capturing_stops_the_loop(tmp_path, obs, server):
 
 @pytest.mark.integration
 def test_install_overlay_reports_that_this_obs_has_no_browser_source(tmp_path, obs, server):
-    code, out, _ = run_to_exit(tmp_path, obs_args(obs, "--source", "Cam", "--stream", "s", "--server", server.ws,
+    code, out, _ = run_to_exit(tmp_path, keyed(obs, server, "--source", "Cam", "--stream", "s",
                                                   "--install-overlay", "--overlay-scene", "Show"))
     assert code == 2, out
     assert "this OBS has no Browser Source" in out and "browser_source" in out
@@ -201,12 +211,66 @@ def test_install_overlay_reports_that_this_obs_has_no_browser_source(tmp_path, o
 
 
 @pytest.mark.integration
-def test_refused_stream_key_is_a_clear_error(tmp_path, obs, server):
-    code, out, _ = run_to_exit(tmp_path, obs_args(obs, "--source", "Cam", "--stream", "s", "--server", server.ws,
-                                                  "--key", "wrong-key-123"))
-    assert code == 2, out
-    assert "the server refused the broadcaster socket" in out and "--key" in out
+def test_refused_stream_key_is_a_clear_error_before_obs(tmp_path, obs, server):
+    code, out, took = run_to_exit(tmp_path, obs_args(obs, "--source", "Cam", "--stream", "s", "--server", server.ws,
+                                                     "--key", "wrong-key-123"))
+    assert code == 2 and took < 10, out
+    assert out.count("\n") == 1, f"one line:\n{out}"
+    assert "refused stream 's': the stream key given with --key is wrong" in out
     assert "wrong-key-123" not in out
+    assert "connected to OBS" not in out, "checked at start, before OBS"
+
+
+@pytest.mark.integration
+def test_missing_stream_key_is_a_clear_error_without_obs(tmp_path, server):
+    code, out, _ = run_to_exit(tmp_path, ["--obs-port", str(free_port()), "--stream", "s", "--server", server.ws])
+    assert code == 2, out
+    assert out.count("\n") == 1 and "needs a stream key: pass --key" in out, out
+
+
+@pytest.mark.integration
+def test_status_is_printed_when_it_changes_not_every_second(tmp_path, server):
+    """OBS is not running: one status line and one "waiting" line, however long it waits; no audio advice,
+    since nothing is measured."""
+    args = ["--obs-port", str(free_port()), "--stream", "idle", "--server", server.ws, "--key", BROADCAST_KEY]
+    with companion(tmp_path, args) as comp:
+        comp.wait_for("status: OBS: waiting")
+        time.sleep(4.5)
+        assert comp.stop() == 0
+    out = comp.output()
+    assert "is up and accepts stream 'idle' with this key" in out
+    assert out.count("status: ") == 1, out
+    assert out.count("waiting for OBS") == 1, out
+    assert "Sync Offset" not in out and "audio sync offset +" not in out, out
+
+
+def _fake_service(reply: bytes) -> int:
+    """A port where something that is not OBS answers every connection with `reply`."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("what", ["the DreamStream server", "an ssh server"])
+def test_a_port_that_is_not_obs_is_a_one_line_error(tmp_path, server, what):
+    port = server.port if what == "the DreamStream server" else _fake_service(b"SSH-2.0-OpenSSH_9.2\r\n")
+    code, out, took = run_to_exit(tmp_path, ["--obs-port", str(port), "--stream", "s", "--server", server.ws,
+                                             "--key", BROADCAST_KEY])
+    assert code == 2 and took < 10, out
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"ws://127.0.0.1:{port} is not OBS's WebSocket server" in errors[0], out
+    assert "--obs-port" in errors[0]
+    assert ("HTTP 403" if what == "the DreamStream server" else "does not speak HTTP") in errors[0]
+    assert "Exception" not in out and "-+-+-" not in out and "Traceback" not in out, out
 
 
 @pytest.mark.integration
@@ -224,6 +288,89 @@ def test_a_second_broadcaster_takes_over_and_the_first_stops(tmp_path, obs, serv
 def test_bad_stream_id_is_refused_before_connecting(tmp_path):
     code, out, _ = run_to_exit(tmp_path, ["--source", "Cam", "--stream", "no spaces please"])
     assert code == 2 and "not a valid stream id" in out
+
+
+# --- --sync-audio: OBS's audio sync offset follows the latency and is put back on exit ---------------------
+
+SET_RE = re.compile(r"--sync-audio: 'Mic' audio sync offset set to \+(\d+) ms")
+
+
+def wait_for_offset_set(comp, after: int = 0, timeout: float = 30.0) -> tuple[int, int]:
+    """(the offset the companion logged it set, the output offset past that line)."""
+    at = comp.wait_for("'Mic' audio sync offset set to", timeout=timeout, after=after)
+    comp.wait_for(" ms)", after=at)  # the whole line is out
+    match = SET_RE.search(comp.output(), after)
+    assert match, comp.output()[-3000:]
+    return int(match.group(1)), at
+
+
+def offsets_set(comp) -> set[int]:
+    return {int(ms) for ms in SET_RE.findall(comp.output())}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stop_with", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sync_audio_keeps_the_offset_at_the_latency_and_restores_it(tmp_path, obs, server, stop_with):
+    obs.set_audio_sync_offset("Mic", 2500)  # far above any latency here: it must change
+    args = obs_args(obs, "--source", "Cam", "--stream", f"obs-sync-{stop_with.name}", "--server", server.ws,
+                    "--key", BROADCAST_KEY, "--sync-audio", "Mic")
+    with companion(tmp_path, args) as comp:
+        comp.wait_for("'Mic' audio sync offset is +2500 ms now")
+        measured, at = wait_for_offset_set(comp)
+        assert 1 <= measured < 2000, measured
+        in_obs = obs.audio_sync_offset("Mic")  # read before the log: the companion may set a newer value meanwhile
+        assert in_obs in offsets_set(comp), "OBS shows the latency the companion measured and set"
+        status = re.findall(r"audio sync offset \+(\d+) ms", comp.output())
+        assert status, "the status line shows the measured offset too"
+        assert "Sync Offset (Edit > Advanced Audio Properties)" not in comp.output(), "no hand advice: it is set"
+
+        obs.set_audio_sync_offset("Mic", 4000)  # changed by hand (or by an old scene collection): put back
+        again, _ = wait_for_offset_set(comp, after=at, timeout=10)
+        assert 1 <= again < 2000
+        assert obs.audio_sync_offset("Mic") in offsets_set(comp)
+
+        comp.proc.send_signal(stop_with)  # Ctrl+C or a service manager's stop
+        assert comp.wait_exit(15) == 0
+    out = comp.output()
+    assert "'Mic' audio sync offset restored to +2500 ms" in out, out[-3000:]
+    assert obs.audio_sync_offset("Mic") == 2500, "the offset OBS had before"
+    assert_no_secrets(out)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name, why", [("Microphone", "no input named 'Microphone'"),
+                                       ("Cam colour", "no audio (so no sync offset) in 'Cam colour'")],
+                         ids=["missing", "no-audio"])
+def test_sync_audio_names_the_inputs_that_have_audio(tmp_path, obs, server, name, why):
+    code, out, took = run_to_exit(tmp_path, obs_args(obs, "--source", "Cam", "--stream", "obs-sync-typo",
+                                                     "--server", server.ws, "--key", BROADCAST_KEY,
+                                                     "--sync-audio", name))
+    assert code == 2 and took < 15, out
+    assert f"--sync-audio: OBS has {why}. Inputs with audio: 'Mic'" in out, out
+    assert "restored" not in out, "nothing was changed, so nothing is put back"
+
+
+def test_sync_audio_moves_only_by_a_frame_or_more():
+    frame_ms = 1000 / 15
+    assert next_offset(0, None, frame_ms) is None, "nothing measured yet: leave it"
+    assert next_offset(0, 180.4, frame_ms) == 180
+    assert next_offset(180, 230.0, frame_ms) is None, "50 ms of drift is under one frame at 15 fps"
+    assert next_offset(180, 250.0, frame_ms) == 250
+    assert next_offset(250, 120.0, frame_ms) == 120, "down as well as up"
+    assert next_offset(0, 99999.0, frame_ms) == 20000, "OBS's maximum"
+    assert next_offset(500, -5.0, frame_ms) == 0
+
+
+def test_status_changes_worth_a_line():
+    base = Snapshot("capturing", "connected", 15.0, 120.0, 15.0, 1)
+    frame_ms = 1000 / 15
+    same = [Snapshot("capturing", "connected", 14.5, 150.0, 14.6, 1)]
+    news = [Snapshot("waiting", "connected", 15.0, 120.0, 15.0, 1), Snapshot("capturing", "connected", 15.0, 120.0,
+            15.0, 2), Snapshot("capturing", "connected", 10.0, 120.0, 15.0, 1),
+            Snapshot("capturing", "connected", 15.0, 200.0, 15.0, 1), Snapshot("capturing", "connected", 15.0, None,
+            15.0, 1)]
+    assert not any(s.differs_from(base, frame_ms) for s in same)
+    assert all(s.differs_from(base, frame_ms) for s in news)
 
 
 # --- resilience: OBS not there yet, OBS crashing, the server restarting -----------------------------------
@@ -264,6 +411,8 @@ def test_a_session_kicked_by_obs_is_not_retried():
 
 
 def test_urls_and_redaction():
+    assert http_base("wss://ds.example/prefix/") == "https://ds.example/prefix"
+    assert http_base("http://h:1") == "http://h:1"
     assert overlay_url("ws://127.0.0.1:8000", "s1") == "http://127.0.0.1:8000/overlay/s1"
     assert overlay_url("wss://ds.example/", "s1", "t&k") == "https://ds.example/overlay/s1?token=t%26k"
     assert redact("https://ds.example/overlay/s1?token=abc") == "https://ds.example/overlay/s1?token=***"
