@@ -54,9 +54,13 @@ function showStreamConfig(config) {
   renderProcessorState();
 }
 
+let stalledSince = 0; // frames go in but none come out (a processor loading on a server that cannot say so)
+
 function renderProcessorState() {
   const type = streamConfig.processor_type;
-  const note = processorText(type, health.states);
+  let note = processorText(type, health.states);
+  const stalledS = stalledSince ? (performance.now() - stalledSince) / 1000 : 0;
+  if (!note && stalledS > 3) note = `no styled frames for ${Math.round(stalledS)} s: ${type} may still be loading`;
   setText($("stream-processor"), type);
   setText($("stream-processor-state"), note ? `· ${note}` : "");
   setText(ui.previewBadge, note);
@@ -384,6 +388,9 @@ setInterval(() => {
   setText(stat("dropped"), lastStats ? String(lastStats.dropped) : "–");
   setText(stat("viewers"), lastStats ? String(lastStats.viewers) : "–");
   setText(stat("held"), String(capture.held));
+  const stalled = capture.active && lastStats && lastStats.fps_in > 0 && lastStats.fps_out === 0;
+  stalledSince = stalled ? stalledSince || performance.now() : 0;
+  renderProcessorState();
   const text = previewText();
   setText(ui.previewState, text);
   ui.previewState.hidden = !text || (preview.state === "live" && preview.canvas.hasFrame && preview.feed.socket.link === "open");
