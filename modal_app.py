@@ -114,9 +114,10 @@ CONTAINER_ENV = {
     "TORCHINDUCTOR_CACHE_DIR": f"{LOCAL_KERNELS}/inductor",
     "TRITON_CACHE_DIR": f"{LOCAL_KERNELS}/triton",
     "DREAMSTREAM_MAX_FRAME_BYTES": str(FRAME_BYTES),
-    "DREAMSTREAM_MAX_BATCH": str(CALL_SIZE * MAX_GPUS),  # a round fills the pool once
     **FORWARDED_ENV,
 }
+# The gateway's scheduler: a round fills the pool once (a shard keeps the server's own batch, one GPU's).
+GATEWAY_ENV = {"DREAMSTREAM_MAX_BATCH": str(CALL_SIZE * MAX_GPUS), **CONTAINER_ENV}
 # GPU containers never download: a model missing from the volume fails fast, naming it.
 GPU_ENV = {**CONTAINER_ENV, "HF_HUB_OFFLINE": "1"}
 
@@ -326,7 +327,7 @@ def gateway_app(restyle, settings: Settings | None = None) -> FastAPI:
 @pool_app.function(
     image=web_image,
     secrets=SECRETS,
-    env=CONTAINER_ENV,
+    env=GATEWAY_ENV,
     cpu=2.0,  # the app's event loop, and Modal's client loop that carries every socket message and GPU call
     memory=2048,
     region=REGION,

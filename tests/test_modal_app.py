@@ -132,7 +132,8 @@ def test_region_gpu_and_settings_are_chosen_at_deploy_time():
     found = import_in_subprocess(
         "{'pool': [modal_app.web.info().regions, modal_app.Restyler().restyle.info().regions],"
         " 'shard': modal_app.Shard().web.info().regions, 'gpus': modal_app.Restyler().restyle.info().gpus,"
-        " 'env': modal_app.CONTAINER_ENV, 'batch': modal_app.CONTAINER_ENV['DREAMSTREAM_MAX_BATCH']}",
+        " 'env': modal_app.CONTAINER_ENV, 'batch': modal_app.GATEWAY_ENV['DREAMSTREAM_MAX_BATCH'],"
+        " 'shard_batch': 'DREAMSTREAM_MAX_BATCH' in modal_app.GPU_ENV}",
         env={
             "DREAMSTREAM_MODAL_REGION": "us-east", "DREAMSTREAM_MODAL_GPU": "H100", "DREAMSTREAM_MODAL_MAX_GPUS": "3",
             "DREAMSTREAM_STREAM_KEYS": "studio:secret-key", "DREAMSTREAM_LIGHTNING_TINY_VAE": "1",
@@ -140,6 +141,7 @@ def test_region_gpu_and_settings_are_chosen_at_deploy_time():
     )
     assert found["pool"] == [["us-east"], ["us-east"]] and found["shard"] == ["us-east"]  # one region for all
     assert found["gpus"] == [["H100", 1]] and found["batch"] == "24"  # a round fills 3 GPUs' calls of 8
+    assert not found["shard_batch"]  # a shard batches as one GPU does (the server's default)
     assert found["env"]["DREAMSTREAM_LIGHTNING_TINY_VAE"] == "1"  # deploy-time settings reach the containers
     assert "DREAMSTREAM_STREAM_KEYS" not in found["env"] and "secret-key" not in json.dumps(found)
     fallbacks = import_in_subprocess("modal_app.Restyler().restyle.info().gpus", {"DREAMSTREAM_MODAL_GPU": "L40S,A100"})
