@@ -135,20 +135,25 @@ def test_any_frame_size(size):
         assert styled(prompt, image).shape == image.shape
 
 
-def frame_ms(prompt: str, image: np.ndarray, calls: int = 50) -> float:
+def frame_ms(prompt: str, image: np.ndarray, calls: int = 50) -> tuple[float, float]:
+    """(CPU ms, wall-clock ms) a frame over `calls` calls of `process_batch` with one 512x512 frame.
+
+    CPU time is this process's, all threads: the processor keeps OpenCV to one thread, so it is the
+    time one core needs, and other processes on a shared machine do not count against it.
+    """
     processor = FilterProcessor()
     batch = [FrameRequest(image, prompt, strength=DEFAULT_STRENGTH, num_steps=2)]
     processor.process_batch(batch)  # the textures for this size are made once, on the first frame
-    start = time.perf_counter()
+    cpu, wall = time.process_time(), time.perf_counter()
     for _ in range(calls):
         processor.process_batch(batch)
-    return (time.perf_counter() - start) / calls * 1000
+    return (time.process_time() - cpu) / calls * 1000, (time.perf_counter() - wall) / calls * 1000
 
 
 def test_every_preset_styles_512px_at_20_fps_on_one_core(frame, capsys):
-    # the best of two loops of 50 calls: another process on a shared core slows one loop, not the processor
-    times = {prompt: min(frame_ms(prompt, frame) for _ in range(2)) for prompt in PRESETS}
+    times = {prompt: frame_ms(prompt, frame) for prompt in PRESETS}
     with capsys.disabled():
-        print("\nfilter, 512x512, ms per frame:", ", ".join(f"{p!r} {ms:.1f}" for p, ms in times.items()))
-    slow = {prompt: round(ms, 1) for prompt, ms in times.items() if ms > FRAME_BUDGET_MS}
-    assert not slow, f"over {FRAME_BUDGET_MS} ms a frame (20 fps): {slow}"
+        print("\nfilter, 512x512, ms a frame (CPU / wall):",
+              ", ".join(f"{p!r} {cpu:.1f} / {wall:.1f}" for p, (cpu, wall) in times.items()))
+    slow = {prompt: round(cpu, 1) for prompt, (cpu, _) in times.items() if cpu > FRAME_BUDGET_MS}
+    assert not slow, f"over {FRAME_BUDGET_MS} ms of CPU a frame (20 fps on one core): {slow}"
