@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import uvicorn
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 import modal_app
@@ -533,3 +535,40 @@ def test_shard_serves_its_streams_sockets_from_its_own_backend(monkeypatch):
                             lambda got: min(len(v) for v in got.values()) >= 3)
         assert all(np.ptp(rgb) < 12 for rgb in got["noir"])
         assert all(rgb[0] > rgb[1] + 50 for rgb in got["paint"])
+
+
+def test_a_stopping_shard_closes_its_sockets_with_1001(tmp_path):
+    """The shard app under plain uvicorn in a process of its own: a stop (SIGTERM, as a host sends) drains, and
+    every socket gets 1001 (going away), so clients reconnect at once to the shard's next container."""
+    port = free_port()
+    script = (
+        "import uvicorn, modal_app\n"
+        f"uvicorn.run(modal_app.Shard().web.local(), host='127.0.0.1', port={port}, log_level='warning')\n"
+    )
+    log = (tmp_path / "shard.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**OFFLINE_ENV, "DREAMSTREAM_PROCESSOR": "filter"})
+    try:
+        base = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                wait_healthy(base)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "shard.log").read_text()
+                time.sleep(0.2)
+        with contextlib.ExitStack() as sockets:
+            got = styled_frames(sockets, base, {"live": "film noir"}, lambda got: len(got["live"]) >= 1)
+            assert got["live"]
+            viewer = sockets.enter_context(connect(f"ws://{base}/ws/viewer/live", max_size=None))
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    viewer.recv(timeout=15)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
