@@ -429,6 +429,8 @@ def warm_up(processors: str = "") -> None:
         proc = engine.processor(name)  # loads, captures graphs, starts the background compile
         proc.wait_optimised()  # every kernel compiled and on the local disk
         print(f"{name}: ready and compiled in {time.monotonic() - started:.0f} s", flush=True)
+    if modal.is_local():  # `warm_up.local()`: the kernels stay in this machine's own compile cache
+        return
     target = Path(KERNELS_DIR) / gpu_slug()
     count = copy_kernels(Path(LOCAL_KERNELS), target)
     models.commit()
