@@ -122,10 +122,12 @@ def test_streams_a_colour_source_and_follows_changes_live(tmp_path, obs, server)
         assert styled is not None, "the filter processor's output reached a styled viewer"
 
         at = comp.wait_for("status: OBS: capturing | capture ")
-        comp.wait_for("audio sync offset +", after=at)
-        comp.wait_for("Sync Offset (Edit > Advanced Audio Properties)")
+        measured = comp.wait_for("audio sync offset +", after=at)
+        advice = comp.wait_for("Sync Offset (Edit > Advanced Audio Properties)")
         assert comp.stop() == 0
     out = comp.output()
+    assert measured < advice, "the advice comes once the latency is measured, with its number"
+    assert out.count("Sync Offset (Edit > Advanced Audio Properties)") == 1
     assert "server ready for stream 'obs-colour'" in out
     assert_no_secrets(out)
 
