@@ -203,6 +203,23 @@ def test_images_pin_every_package_and_install_one_opencv():
     assert not [r for r in requires if r.lower().startswith("opencv-python") and "headless" not in r.lower()]
 
 
+def test_compiled_kernels_have_one_writer(tmp_path):
+    """Serving containers compile into a local folder and never write the volume; warm_up, on the deploy's GPU
+    type, is the one writer of the volume's kernels, which every container copies at start."""
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        assert not modal_app.CONTAINER_ENV[name].startswith(modal_app.MODELS_DIR + "/")
+    assert modal_app.warm_up.info().gpus == modal_app.Restyler().restyle.info().gpus
+    assert modal_app.warm_up.info().volumes[modal_app.MODELS_DIR].name == "dreamstream-models"
+    src, dst = tmp_path / "volume", tmp_path / "local"
+    (src / "inductor" / "fx").mkdir(parents=True)
+    (src / "inductor" / "fx" / "graph").write_text("compiled")
+    (dst / "triton").mkdir(parents=True)
+    (dst / "triton" / "kernel").write_text("mine")
+    assert modal_app.copy_kernels(src, dst) == 2  # merged: what the container had stays
+    assert (dst / "inductor" / "fx" / "graph").read_text() == "compiled"
+    assert modal_app.copy_kernels(tmp_path / "nothing-yet", dst) == 0
+
+
 # ---- what is downloaded -------------------------------------------------------------------------
 
 SD15_LISTING = [  # the shape of stable-diffusion-v1-5's file list on the hub
@@ -400,6 +417,28 @@ def test_a_pool_that_cannot_work_says_why_in_its_frames_and_its_reason():
     [result] = asyncio.run(pool.process([FrameJob("s", b"x", StreamConfig())]))
     assert isinstance(result, RuntimeError) and "model X is unavailable" in str(result)
     assert "model X is unavailable" in pool.reason
+
+
+def test_a_pool_idle_past_its_scaledown_is_woken_again_before_frames():
+    calls: list[list[str]] = []
+
+    async def restyle(jobs: list[FrameJob]) -> list[bytes | Exception]:
+        calls.append([j.stream_id for j in jobs])
+        return [b"jpeg"] * len(jobs)
+
+    async def scenario() -> None:
+        pool = make_pool(restyle)
+        assert "no GPU running" in pool.reason
+        await pool.process([FrameJob("a", b"x", StreamConfig())])
+        assert calls == [["_warmup"], ["a"]] and "answering" in pool.reason  # woken first, then the frame
+        await pool.process([FrameJob("a", b"x", StreamConfig())])
+        assert calls[-1] == ["a"]  # up: no second wake
+        pool.idle_s = 0  # the pool has stopped its GPUs since
+        assert "no GPU running" in pool.reason
+        await pool.process([FrameJob("a", b"x", StreamConfig())])
+        assert calls[-2:] == [["_warmup"], ["a"]]
+
+    asyncio.run(scenario())
 
 
 # ---- the gateway, end to end, over a real server --------------------------------------------------
