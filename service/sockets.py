@@ -97,11 +97,9 @@ async def _receive_broadcasts(ds: DreamStream, stream: Stream, ws: WebSocket) ->
             return
         if stream.broadcaster is None or stream.broadcaster.ws is not ws:
             return  # replaced by a newer broadcaster
-        data, text = message.get("bytes"), message.get("text") or ""
-        if len(data if data is not None else text) > limits.max_message_bytes:
-            # the host's own cap (uvicorn's --ws-max-size) may be higher than ours: the same 1009 either way
-            await ws.close(1009, f"message over {limits.max_message_bytes} bytes (DREAMSTREAM_MAX_MESSAGE_BYTES)")
+        if await _over_message_limit(ds, ws, message):
             return
+        data, text = message.get("bytes"), message.get("text") or ""
         try:
             if data is not None:
                 await accept_frame(ds, stream, data, None)
@@ -149,19 +147,32 @@ async def viewer_socket(ws: WebSocket, stream_id: str) -> None:
         return await refuse(ws, str(exc))
     await ws.accept()
     try:
-        await _run_until_either(conn.pump(), _drain(conn))
+        await _run_until_either(conn.pump(), _drain(ds, conn))
     finally:
         ds.hub.remove_viewer(stream, conn)
 
 
-async def _drain(conn: Connection) -> None:
+async def _drain(ds: DreamStream, conn: Connection) -> None:
     """Viewers have nothing to say; read until they leave (and answer pings)."""
     try:
         while True:
             message = await conn.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
+            if await _over_message_limit(ds, conn.ws, message):
+                return
             if message.get("text") and '"ping"' in message["text"]:
                 conn.send_control(protocol.pong())
     except WebSocketDisconnect:
         return
+
+
+async def _over_message_limit(ds: DreamStream, ws: WebSocket, message: dict) -> bool:
+    """Close the socket with 1009 when a message is over DREAMSTREAM_MAX_MESSAGE_BYTES. The host's own cap
+    (uvicorn's --ws-max-size) may be higher than ours, so the app checks too: the same 1009 on every host."""
+    limit = ds.settings.max_message_bytes
+    data = message.get("bytes")
+    if len(data if data is not None else message.get("text") or "") <= limit:
+        return False
+    await ws.close(1009, f"message over {limit} bytes (DREAMSTREAM_MAX_MESSAGE_BYTES)")
+    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -64,6 +65,7 @@ class Server:
     env: dict[str, str]
     args: list[str]
     log_path: Path
+    command: list[str] | None = None  # how it is started (default: `dreamstream serve`)
     proc: subprocess.Popen | None = None
     _log_file: object = field(default=None, repr=False)
 
@@ -77,8 +79,9 @@ class Server:
 
     def start(self, timeout: float = 60.0) -> None:
         self._log_file = open(self.log_path, "ab")
+        command = self.command or [sys.executable, "-m", "service.cli", "serve"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), *self.args],
+            [*command, "--port", str(self.port), *self.args],
             cwd=ROOT,
             env=self.env,
             stdout=self._log_file,
@@ -125,12 +128,38 @@ def running_server(
     args: list[str] | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 60.0,
+    launcher: str = "dreamstream serve",
 ) -> Iterator[Server]:
-    """A real `dreamstream serve` on a free port; its log at server.log in tmp_path."""
+    """A real `dreamstream serve` on a free port; its log at server.log in tmp_path.
+
+    `launcher="uvicorn"` starts the same app with plain `uvicorn service.app:app` instead (settings from env)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    server = Server(free_port(), full_env, ["--processor", processor, *(args or [])], tmp_path / "server.log")
+    if launcher == "uvicorn":
+        assert not args, "plain uvicorn takes the app's settings from the environment"
+        full_env["DREAMSTREAM_PROCESSOR"] = processor
+        command, args = [sys.executable, "-m", "uvicorn", "service.app:app"], []
+    else:
+        command, args = None, ["--processor", processor, *(args or [])]
+    server = Server(free_port(), full_env, args, tmp_path / "server.log", command)
     server.start(timeout)
     try:
         yield server
     finally:
         server.stop()
+
+
+def run(coro, timeout: float = 60):
+    """Run a test's coroutine, failing it after `timeout` seconds rather than hanging the suite."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def recv_json(ws, kind: str | None = None, timeout: float = 10.0) -> dict:
+    """The next JSON message (of `kind`, skipping others such as stats and binary frames)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            raw = await ws.recv()
+            if isinstance(raw, bytes):
+                continue
+            msg = json.loads(raw)
+            if kind is None or msg["type"] == kind:
+                return msg

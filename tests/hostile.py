@@ -120,18 +120,6 @@ async def refused_with(url: str, code: int = 1008, **kwargs) -> str:
     raise AssertionError(f"{url} was not refused")
 
 
-async def recv_json(ws, kind: str | None = None, timeout: float = 10.0) -> dict:
-    """The next JSON message (of `kind`, skipping others such as stats)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            raw = await ws.recv()
-            if isinstance(raw, bytes):
-                continue
-            msg = json.loads(raw)
-            if kind is None or msg["type"] == kind:
-                return msg
-
-
 async def recv_frame(ws, timeout: float = 5.0) -> bytes:
     """The next binary frame of a `format=binary` viewer, skipping status messages."""
     async with asyncio.timeout(timeout):

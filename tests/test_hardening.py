@@ -23,7 +23,7 @@ import pytest
 import simplejpeg
 import websockets
 
-from tests.helpers import gradient_jpeg, mean_rgb, running_server, solid_jpeg
+from tests.helpers import gradient_jpeg, mean_rgb, recv_json, run, running_server, solid_jpeg
 from tests.hostile import (
     b64_frame,
     close_code,
@@ -32,7 +32,6 @@ from tests.hostile import (
     png_claiming,
     png_zip_bomb,
     recv_frame,
-    recv_json,
     refused_with,
     rss_mb,
     send_until_closed,
@@ -46,10 +45,6 @@ BROADCAST_KEY = "bk-global-c41d9e07f2"
 VIEWER_TOKEN = "vt-viewer-9d2f61ab3c"
 WRONG = "wrong-guess-5e6f7a8b"  # a mistyped key is still a secret-shaped string: it must not be logged either
 ALLOWED_ORIGIN = "https://studio.example"
-
-
-def run(coro, timeout: float = 60):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def wait_idle(server, timeout: float = 5.0) -> None:

@@ -5,31 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import time
 
 import pytest
 import websockets
 
-from tests.helpers import gradient_jpeg, mean_rgb, running_server, solid_jpeg
+from tests.helpers import gradient_jpeg, mean_rgb, recv_json, run, running_server, solid_jpeg
+from tests.hostile import stalled_viewer
 
 RED, BLUE = (220, 20, 20), (20, 20, 220)
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def recv_json(ws, kind: str | None = None, timeout: float = 10.0) -> dict:
-    """The next JSON message (of `kind`, skipping others such as stats)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        raw = await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
-        if isinstance(raw, bytes):
-            continue
-        msg = json.loads(raw)
-        if kind is None or msg["type"] == kind:
-            return msg
 
 
 def frame_bytes(msg: dict) -> bytes:
@@ -236,15 +220,7 @@ def test_stalled_viewer_does_not_slow_a_fast_one(identity_server):
 
     async def main():
         url = identity_server.ws
-        stalled = socket.create_connection(("127.0.0.1", identity_server.port))
-        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        key = base64.b64encode(b"0123456789abcdef").decode()
-        stalled.sendall(
-            (
-                "GET /ws/viewer/stall HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
+        stalled = stalled_viewer(identity_server.port, "/ws/viewer/stall")
         frame = gradient_jpeg((640, 480))  # ~60 kB: the stalled socket's buffers fill within a few frames
         async with websockets.connect(f"{url}/ws/broadcaster/stall") as bc, websockets.connect(
             f"{url}/ws/viewer/stall?format=binary"
