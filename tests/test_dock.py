@@ -71,7 +71,11 @@ def test_dock_fits_350_px_without_horizontal_scroll(browser, server):
             assert box["x"] + box["width"] <= DOCK["width"], button.inner_text()
         page.wait_for_function("() => parseFloat(document.querySelector('#fps').textContent) > 0")
         page.wait_for_function("() => /^[0-9]+$/.test(document.querySelector('#latency').textContent)")
-        assert "identity" not in page.locator("#processor option").all_inner_texts()
+        options = page.locator("#processor option")
+        assert options.evaluate_all("els => els.map(o => o.value)") == ["filter", "standard", "lightning"]
+        # this CPU server cannot run the diffusion processors: greyed out, with the reason
+        assert options.evaluate_all("els => els.map(o => o.disabled)") == [False, True, True]
+        assert "needs a CUDA GPU" in page.inner_text("#processor")
     assert not errors, errors
 
 

@@ -179,7 +179,7 @@ function onServerMessage(data) {
       say("error", `${msg.code}: ${msg.message}`);
       if (msg.code === "bad_config") {
         style.refused(); // show what the stream really uses
-        alerts.show("config", "error", `Not changed: ${msg.message}. The stream goes on with ${streamConfig.processor_type}.`);
+        alerts.show("config", "error", `Not changed: ${msg.message}. The stream goes on as before, with ${streamConfig.processor_type}.`);
       } else if (msg.code === "processing_failed") {
         alerts.show("processing", "error", `The ${streamConfig.processor_type} processor failed: ${msg.message}`);
       }
