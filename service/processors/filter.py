@@ -76,7 +76,7 @@ def _edges(gray: np.ndarray) -> np.ndarray:
     return np.clip(1.0 - (-dog - 2.0) / 4.0, 0.0, 1.0)
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=16)  # up to four noises per frame size, for a few frame sizes at once
 def _noise(shape: tuple[int, int], sigma: float, seed: int) -> np.ndarray:
     """Smoothed Gaussian noise with unit variance: paper grain, film grain, wash blotches."""
     field = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
