@@ -220,6 +220,19 @@ def test_compiled_kernels_have_one_writer(tmp_path):
     assert modal_app.copy_kernels(tmp_path / "nothing-yet", dst) == 0
 
 
+def test_the_gpu_image_build_fails_when_gui_opencv_creeps_in(tmp_path):
+    """The build step after the installs: passes on this environment's packages, fails naming the fix when
+    something installed opencv-python beside the headless build."""
+    env = {**OFFLINE_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    assert subprocess.run(["bash", "-c", modal_app.ONE_OPENCV], env=env, capture_output=True).returncode == 0
+    fake = tmp_path / "opencv_python-4.10.0.84.dist-info"
+    fake.mkdir()
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: opencv-python\nVersion: 4.10.0.84\n")
+    done = subprocess.run(["bash", "-c", modal_app.ONE_OPENCV], capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode != 0 and "opencv-python is installed beside opencv-python-headless" in done.stderr
+
+
 # ---- what is downloaded -------------------------------------------------------------------------
 
 SD15_LISTING = [  # the shape of stable-diffusion-v1-5's file list on the hub
