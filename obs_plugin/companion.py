@@ -106,11 +106,10 @@ def run_obs(args: argparse.Namespace) -> int:
     )
     try:
         check_server(args.server, args.stream, args.key)
-    except LinkEnded as exc:
+        return asyncio.run(_run(options, *broadcaster_url(args.server, args.stream, args.key), args.sync_audio))
+    except LinkEnded as exc:  # the key check
         log.error("%s", exc)
         return exc.exit_code
-    try:
-        return asyncio.run(_run(options, *broadcaster_url(args.server, args.stream, args.key), args.sync_audio))
     except KeyboardInterrupt:
         return EXIT_STOPPED
 
