@@ -1,44 +1,32 @@
-"""modal_app.py and its backend (service/gpu_pool.py), offline and with no Modal token.
+"""modal_app.py, offline and with no Modal token: what each mode declares, and the GPU class's code.
 
 Modal's machinery (containers, `.remote`) needs the cloud; everything else runs here: what each mode declares
-(through Modal's public `FunctionInfo`), the GPU classes' enter hooks and methods through `.local()`, the gateway
-app in a real uvicorn server whose pool call pickles each call both ways and runs the GPU class in-process, and
-the shard app served by a real uvicorn server. Nothing here reads Modal's private attributes.
+(through Modal's public `FunctionInfo`), the images' pins, the download job, and the GPU class's enter hooks and
+method through `.local()`. Both modes served for real: tests/test_modal_serving.py. Nothing here reads Modal's
+private attributes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
 
 import modal_app
 from service.codec import FrameError
-from service.config import Settings, StreamConfig
+from service.config import StreamConfig
 from service.engine import FrameJob
-from service.gpu_pool import GpuPool, split_round
-from service.processors.downloads import download_patterns, download_plan, select_files
-from tests.helpers import ROOT, free_port, gradient_jpeg, mean_rgb, solid_jpeg
+from service.gpu_pool import GpuPool
+from service.processors.downloads import download_patterns, select_files
+from tests.helpers import ROOT, gradient_jpeg, mean_rgb, solid_jpeg
 
 pytest_plugins = ["tests.fixtures_diffusion"]  # tiny_models, tiny_env
 # `.local()` says the volume is not mounted here; the tests know
@@ -246,48 +234,6 @@ SD15_LISTING = [  # the shape of stable-diffusion-v1-5's file list on the hub
 ]
 
 
-def test_download_plan_follows_the_processors_defaults(monkeypatch):
-    from service.processors.models import DEFAULTS
-
-    for key in [k for k in os.environ if k.startswith("DREAMSTREAM_")]:
-        monkeypatch.delenv(key)
-    plan = {item.repo: item for item in download_plan(["lightning", "standard"])}
-    assert set(plan) == {repo for options in DEFAULTS.values() for repo in options.values()}
-    assert "sdxl_lightning_4step_unet.safetensors" in plan["ByteDance/SDXL-Lightning"].patterns
-    sdxl = plan["stabilityai/stable-diffusion-xl-base-1.0"].patterns
-    assert "text_encoder_2/*.safetensors" in sdxl and "unet/*.safetensors" not in sdxl  # Lightning brings its UNet
-    assert "unet/*.safetensors" in plan["stable-diffusion-v1-5/stable-diffusion-v1-5"].patterns
-    assert "lightning depth_model" in plan[DEFAULTS["lightning"]["depth_model"]].label  # shared, fetched once
-
-    # a model variable set at deploy time changes what is fetched; a local path is not fetched
-    monkeypatch.setenv("DREAMSTREAM_LIGHTNING_BASE_MODEL", "someone/sdxl-finetune")
-    monkeypatch.setenv("DREAMSTREAM_DEPTH_MODEL", "/opt/models/depth")
-    repos = {item.repo for item in download_plan(["lightning"])}
-    assert "someone/sdxl-finetune" in repos and "stabilityai/stable-diffusion-xl-base-1.0" not in repos
-    assert DEFAULTS["lightning"]["depth_model"] not in repos
-    with pytest.raises(ValueError, match="processors"):
-        download_plan(["filter"])
-
-
-def test_download_picks_fp16_variants_where_the_repo_has_them():
-    patterns = download_patterns("standard", "base_model", "stable-diffusion-v1-5/stable-diffusion-v1-5")
-    fp16 = select_files(SD15_LISTING, patterns, "fp16")
-    assert [f for f in fp16 if f.endswith(".safetensors")] == [
-        "text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
-        "vae/diffusion_pytorch_model.fp16.safetensors",
-    ]  # one precision per weight; no safety checker, single-file checkpoints, .bin or non-EMA copies
-    assert {"model_index.json", "unet/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"} <= set(fp16)
-    full = select_files(SD15_LISTING, patterns, None)
-    assert [f for f in full if f.endswith(".safetensors")] == [
-        "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
-        "vae/diffusion_pytorch_model.safetensors",
-    ]
-    # a weight stored only once (the Lightning UNets, already fp16; most VAEs) is fetched as it is
-    lightning = ["sdxl_lightning_4step_unet.safetensors", "sdxl_lightning_4step_lora.safetensors", "README.md"]
-    assert select_files(lightning, download_patterns("lightning", "lightning_unet", "ByteDance/SDXL-Lightning"),
-                        "fp16") == ["sdxl_lightning_4step_unet.safetensors"]
-
-
 def test_download_models_runs_locally_with_progress(monkeypatch, tmp_path, capsys):
     import huggingface_hub
 
@@ -388,239 +334,3 @@ def test_gpu_class_enter_and_batch_run_locally(monkeypatch):
     assert np.ptp(grey) < 12, "the noir stream's own prompt was not used"
     assert warm[0] > warm[1] + 50 and same[0] > same[1] + 100
     assert isinstance(broken, FrameError) and broken.code == "bad_frame"
-
-
-# ---- GpuPool ---------------------------------------------------------------------------------------
-
-def test_a_round_is_split_into_near_equal_calls():
-    jobs = [FrameJob(str(i), b"x", StreamConfig()) for i in range(10)]
-    assert [len(c) for c in split_round(jobs, 8)] == [5, 5]  # the round waits for its slowest call
-    assert [len(c) for c in split_round(jobs, 3)] == [3, 3, 2, 2]
-    assert [j.stream_id for c in split_round(jobs, 4) for j in c] == [j.stream_id for j in jobs]
-    assert split_round(jobs[:1], 8) == [jobs[:1]] and split_round([], 8) == []
-
-
-def make_pool(restyle, timeout_s: float = 5.0, call_size: int = 8) -> GpuPool:
-    return GpuPool(restyle, "filter", Settings(processor="filter", processing_timeout_s=timeout_s), label="L4",
-                   max_gpus=2, call_size=call_size, idle_s=300, warmup_timeout_s=5)
-
-
-def test_a_slow_or_lost_call_fails_its_own_frames_not_the_round():
-    async def restyle(jobs: list[FrameJob]) -> list[bytes | Exception]:
-        if any(j.stream_id == "stuck" for j in jobs):
-            await asyncio.sleep(60)
-        if any(j.stream_id == "lost" for j in jobs):
-            raise ConnectionError("container went away")
-        return [j.stream_id.encode() for j in jobs]
-
-    pool = make_pool(restyle, timeout_s=0.3, call_size=1)
-    config = StreamConfig()
-    jobs = [FrameJob(name, b"x", config) for name in ("stuck", "lost", "ok")]
-    started = time.monotonic()
-    stuck, lost, fine = asyncio.run(pool.process(jobs))
-    assert time.monotonic() - started < 5
-    assert isinstance(stuck, TimeoutError) and isinstance(lost, ConnectionError) and fine == b"ok"
-
-
-def test_a_pool_that_cannot_work_says_why_in_its_frames_and_its_reason():
-    async def broken(jobs: list[FrameJob]) -> list[bytes | Exception]:
-        return [RuntimeError("the lightning processor could not be loaded: model X is unavailable")] * len(jobs)
-
-    pool = make_pool(broken)
-    [result] = asyncio.run(pool.process([FrameJob("s", b"x", StreamConfig())]))
-    assert isinstance(result, RuntimeError) and "model X is unavailable" in str(result)
-    assert "model X is unavailable" in pool.reason
-
-
-def test_a_pool_idle_past_its_scaledown_is_woken_again_before_frames():
-    calls: list[list[str]] = []
-
-    async def restyle(jobs: list[FrameJob]) -> list[bytes | Exception]:
-        calls.append([j.stream_id for j in jobs])
-        return [b"jpeg"] * len(jobs)
-
-    async def scenario() -> None:
-        pool = make_pool(restyle)
-        assert "no GPU running" in pool.reason
-        await pool.process([FrameJob("a", b"x", StreamConfig())])
-        assert calls == [["_warmup"], ["a"]] and "answering" in pool.reason  # woken first, then the frame
-        await pool.process([FrameJob("a", b"x", StreamConfig())])
-        assert calls[-1] == ["a"]  # up: no second wake
-        pool.idle_s = 0  # the pool has stopped its GPUs since
-        assert "no GPU running" in pool.reason
-        await pool.process([FrameJob("a", b"x", StreamConfig())])
-        assert calls[-2:] == [["_warmup"], ["a"]]
-
-    asyncio.run(scenario())
-
-
-# ---- the gateway, end to end, over a real server --------------------------------------------------
-
-class InProcessPool:
-    """`Restyler().restyle.remote.aio` in-process: each call pickled both ways, one container running one call
-    at a time (Modal sends a container one input at a time: the class has no @modal.concurrent)."""
-
-    def __init__(self, restyler) -> None:
-        self.restyle = restyler.restyle.local
-        self.calls: list[list[str]] = []  # stream ids per call
-        self._container = ThreadPoolExecutor(1)
-
-    async def __call__(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
-        payload = pickle.dumps((jobs,), protocol=PICKLE_PROTOCOL)
-        (arrived,) = pickle.loads(payload)
-        self.calls.append([job.stream_id for job in arrived])
-        results = await asyncio.get_running_loop().run_in_executor(self._container, self.restyle, arrived)
-        return pickle.loads(pickle.dumps(results, protocol=PICKLE_PROTOCOL))
-
-
-@contextlib.contextmanager
-def serve(app) -> Iterator[str]:
-    """A real uvicorn server on a free port, in a thread of this process (so the pool can be inspected)."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-
-
-def get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return resp.read()
-
-
-def wait_healthy(base: str) -> dict:
-    deadline = time.monotonic() + 60
-    while (health := json.loads(get(f"http://{base}/healthz")))["status"] == "loading":
-        assert time.monotonic() < deadline, health
-        time.sleep(0.05)
-    return health
-
-
-def open_broadcaster(sockets: contextlib.ExitStack, base: str, stream_id: str, prompt: str):
-    ws = sockets.enter_context(connect(f"ws://{base}/ws/broadcaster/{stream_id}", max_size=None))
-    assert json.loads(ws.recv(timeout=10))["type"] == "ready"
-    ws.send(json.dumps({"type": "config", "prompt": prompt, "strength": 1.0}))
-    while (reply := json.loads(ws.recv(timeout=10)))["type"] != "config":
-        pass
-    assert reply["config"]["prompt"] == prompt
-    return ws
-
-
-def next_error(ws, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while (message := json.loads(ws.recv(timeout=max(0.01, deadline - time.monotonic()))))["type"] != "error":
-        pass
-    return message
-
-
-def styled_frames(sockets, base: str, streams: dict[str, str], until, timeout: float = 30) -> dict[str, list]:
-    """Send a red frame from each stream's broadcaster until `until(got)`; mean RGB of each frame its viewer gets."""
-    red = solid_jpeg((220, 40, 40))
-    red_url = "data:image/jpeg;base64," + base64.b64encode(red).decode()
-    viewers = {name: sockets.enter_context(connect(f"ws://{base}/ws/viewer/{name}?format=binary", max_size=None))
-               for name in streams}
-    broadcasters = {name: open_broadcaster(sockets, base, name, prompt) for name, prompt in streams.items()}
-    got: dict[str, list] = {name: [] for name in streams}
-    deadline = time.monotonic() + timeout
-    while not until(got):
-        assert time.monotonic() < deadline, {k: len(v) for k, v in got.items()}
-        for i, ws in enumerate(broadcasters.values()):
-            ws.send(red if i % 2 == 0 else json.dumps({"type": "frame", "frame": red_url}))
-        for name, viewer in viewers.items():
-            with contextlib.suppress(TimeoutError):
-                while True:
-                    if isinstance(message := viewer.recv(timeout=0.05), bytes):
-                        got[name].append(mean_rgb(message))
-    return got
-
-
-def test_gateway_streams_through_the_pool_and_only_a_broadcaster_wakes_a_gpu(monkeypatch):
-    monkeypatch.setenv("DREAMSTREAM_PROCESSOR", "filter")
-    pool = InProcessPool(modal_app.Restyler())
-    app = modal_app.gateway_app(pool, Settings.from_env())
-    with serve(app) as base, contextlib.ExitStack() as sockets:
-        health = wait_healthy(base)
-        assert (health["status"], health["processor"], health["device"]) == ("ok", "filter", "modal:L4")
-        for page in ("/", "/view/noir", "/overlay/noir", "/metrics", "/robots.txt", "/wp-login.php"):
-            with contextlib.suppress(urllib.error.HTTPError):
-                get(f"http://{base}{page}")
-        wait_healthy(base)
-        assert pool.calls == [], "a page view or probe started a GPU container"
-        assert "no GPU running" in health["reason"]
-
-        got = styled_frames(sockets, base, {"noir": "film noir", "paint": "Monet painting"},
-                            lambda got: min(len(v) for v in got.values()) >= 3 and
-                            any({"noir", "paint"} <= set(c) for c in pool.calls))
-        assert pool.calls[0] == ["_warmup"]  # the broadcaster woke a GPU before its first frame
-        assert all(np.ptp(rgb) < 12 for rgb in got["noir"])  # one call held both streams, each kept its prompt
-        assert all(rgb[0] > rgb[1] + 50 for rgb in got["paint"])
-        assert "GPU pool answering" in json.loads(get(f"http://{base}/healthz"))["reason"]
-
-        noir = open_broadcaster(sockets, base, "noir", "film noir")
-        red = solid_jpeg((220, 40, 40))
-        noir.send(red[: len(red) // 2])  # passes the gateway's header check, fails to decode on the GPU
-        assert next_error(noir)["code"] == "bad_frame"  # a FrameError's code survived the trip back
-
-        request = urllib.request.Request(f"http://{base}/api/process", data=red, headers={"Content-Type": "image/jpeg"})
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            assert resp.headers["content-type"] == "image/jpeg" and resp.read()[:2] == b"\xff\xd8"
-
-
-# ---- shard mode, end to end, over a real server ------------------------------------------------------
-
-def test_shard_serves_its_streams_sockets_from_its_own_backend(monkeypatch):
-    monkeypatch.setenv("DREAMSTREAM_PROCESSOR", "filter")
-    app = modal_app.Shard().web.local()  # the class's enter hooks, then its ASGI app
-    with serve(app) as base, contextlib.ExitStack() as sockets:
-        health = wait_healthy(base)
-        assert (health["status"], health["processor"], health["device"]) == ("ok", "filter", "cpu")
-        assert "Modal shard" in health["reason"]
-        got = styled_frames(sockets, base, {"noir": "film noir", "paint": "Monet painting"},
-                            lambda got: min(len(v) for v in got.values()) >= 3)
-        assert all(np.ptp(rgb) < 12 for rgb in got["noir"])
-        assert all(rgb[0] > rgb[1] + 50 for rgb in got["paint"])
-
-
-def test_a_stopping_shard_closes_its_sockets_with_1001(tmp_path):
-    """The shard app under plain uvicorn in a process of its own: a stop (SIGTERM, as a host sends) drains, and
-    every socket gets 1001 (going away), so clients reconnect at once to the shard's next container."""
-    port = free_port()
-    script = (
-        "import uvicorn, modal_app\n"
-        f"uvicorn.run(modal_app.Shard().web.local(), host='127.0.0.1', port={port}, log_level='warning')\n"
-    )
-    log = (tmp_path / "shard.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**OFFLINE_ENV, "DREAMSTREAM_PROCESSOR": "filter"})
-    try:
-        base = f"127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                wait_healthy(base)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "shard.log").read_text()
-                time.sleep(0.2)
-        with contextlib.ExitStack() as sockets:
-            got = styled_frames(sockets, base, {"live": "film noir"}, lambda got: len(got["live"]) >= 1)
-            assert got["live"]
-            viewer = sockets.enter_context(connect(f"ws://{base}/ws/viewer/live", max_size=None))
-            proc.send_signal(signal.SIGTERM)
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    viewer.recv(timeout=15)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
-        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has stopped
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
