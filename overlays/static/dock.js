@@ -118,12 +118,14 @@ setInterval(() => {
   const socket = view.feed.socket;
   let state = socket.link === "open" ? view.state : "connecting";
   let text = STATE_TEXT[state] ?? state;
-  if (socket.link !== "open" && socket.lastClose && socket.lastClose.code === 1008) {
+  // a refused socket opens, then closes: only one that has heard from the server (a `status`) counts as in
+  const heard = socket.link === "open" && view.state !== "connecting";
+  if (!heard && socket.lastClose && socket.lastClose.code === 1008) {
     state = "refused";
     const fix = tokenInput ? "type it in the Viewer token field below" : "add &token=… to this dock's URL";
     text = `The server refused this dock: ${socket.lastClose.reason}; ${fix}.`;
     alerts.show("token", "error", text, { repeat: false });
-  } else if (socket.link === "open") {
+  } else if (heard) {
     alerts.clear("token");
   }
   const live = state === "live" && socket.link === "open";

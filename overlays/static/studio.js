@@ -5,9 +5,10 @@
 // A frame is captured only when the previous one has left the socket (bufferedAmount == 0), so on a
 // slow uplink frames are held back at the source instead of piling up in the browser.
 import { Capture, listCameras } from "./capture.js";
+import { ShareLinks } from "./links.js";
 import { Alerts, MessageLog } from "./notices.js";
 import { HealthPoller, processorText } from "./processors.js";
-import { ReconnectingSocket, pageUrl, socketUrl } from "./socket.js";
+import { ReconnectingSocket, socketUrl } from "./socket.js";
 import { LiveView, fmt, pageConfig, setText } from "./stream.js";
 import { StyleControls } from "./style.js";
 
@@ -278,54 +279,22 @@ function onStreamChanged() {
   document.title = `DreamStream studio · ${id}`;
   preview.retarget({ streamId: id, token: token() });
   if (capture.active) broadcaster.restart();
-  renderLinks();
+  links.render();
 }
 ui.streamId.addEventListener("change", onStreamChanged);
 ui.key.addEventListener("change", () => {
   if (capture.active) broadcaster.restart();
-  renderLinks();
+  links.render();
 });
 ui.token.addEventListener("change", () => {
   alerts.clear("token");
   preview.retarget({ token: token() });
-  renderLinks();
+  links.render();
 });
 
-// ---- links to the viewer, overlay, dock and compare pages ----------------------------------------
+// ---- the viewer, overlay, dock and compare URLs under "Use it" ------------------------------------
 
-function renderLinks() {
-  const id = encodeURIComponent(streamId());
-  const fade = Number.parseInt($("overlay-fade").value, 10) || 0;
-  const urls = {
-    viewer: pageUrl(`/view/${id}`, { token: token() }),
-    overlay: pageUrl(`/overlay/${id}`, {
-      fit: $("overlay-fit").value === "cover" ? "" : $("overlay-fit").value,
-      fade: fade > 0 ? fade : "",
-      debug: $("overlay-debug").checked ? 1 : "",
-      token: token(),
-    }),
-    dock: pageUrl(`/dock/${id}`, { token: token(), key: key() }),
-    compare: pageUrl(`/overlay/${id}/compare`, { token: token() }),
-  };
-  for (const [name, url] of Object.entries(urls)) {
-    $(`url-${name}`).value = url;
-    $(`open-${name}`).href = url;
-  }
-}
-for (const id of ["overlay-fit", "overlay-fade", "overlay-debug"]) $(id).addEventListener("input", renderLinks);
-
-async function copy(input) {
-  try {
-    await navigator.clipboard.writeText(input.value);
-  } catch {
-    input.select(); // clipboard API needs a secure page; fall back to the old way
-    document.execCommand("copy");
-  }
-  say("info", `copied ${input.id === "url-dock" && key() ? "the dock URL (with your stream key)" : input.value}`);
-}
-for (const button of document.querySelectorAll("[data-copy]")) {
-  button.addEventListener("click", () => copy($(button.dataset.copy)));
-}
+const links = new ShareLinks({ streamId, key, token, say });
 
 // ---- snapshot and fullscreen ------------------------------------------------------------------
 
@@ -366,13 +335,15 @@ const PREVIEW_TEXT = {
 
 function previewText() {
   const socket = preview.feed.socket;
-  if (socket.link !== "open" && socket.lastClose && socket.lastClose.code === 1008) {
+  // a refused socket opens, then closes: only one that has heard from the server (a `status`) counts as in
+  const heard = socket.link === "open" && preview.state !== "connecting";
+  if (!heard && socket.lastClose && socket.lastClose.code === 1008) {
     const sending = broadcaster.isOpen ? "Your broadcast is going out; only this preview is refused. " : "";
     const text = `The server refused the preview: ${socket.lastClose.reason}. ${sending}Enter the viewer token under Source.`;
     alerts.show("token", "error", text, { repeat: false });
     return text;
   }
-  if (socket.link === "open") alerts.clear("token");
+  if (heard) alerts.clear("token");
   const state = socket.link === "open" ? preview.state : "connecting";
   if (state === "live" && preview.frames === 0) return "live: waiting for the first styled frame";
   return PREVIEW_TEXT[state] ?? state;
@@ -406,7 +377,7 @@ setInterval(() => {
 
 // ---- start ----------------------------------------------------------------------------------
 
-renderLinks();
+links.render();
 renderLink("idle");
 style.setStates(health.states);
 renderProcessorState();
