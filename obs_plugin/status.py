@@ -48,7 +48,7 @@ class Snapshot:
         if (self.obs_state, self.server_state, self.viewers) != (before.obs_state, before.server_state, before.viewers):
             return True
         if self.offset_ms is None or before.offset_ms is None:
-            if self.offset_ms is not before.offset_ms:
+            if (self.offset_ms is None) != (before.offset_ms is None):  # just measured, or lost
                 return True
         elif abs(self.offset_ms - before.offset_ms) >= frame_ms:
             return True
