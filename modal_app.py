@@ -73,7 +73,7 @@ GPU_LABEL = "/".join(GPU)
 # Frames per GPU call (pool mode): a scheduler round is split into calls of at most this many, one Engine.run
 # each. 8 = PERF.md's 8-stream target and the largest batch the processors prepare CUDA graphs for.
 CALL_SIZE = _env_int("DREAMSTREAM_MODAL_GPU_BATCH", 8)
-MIN_GPUS = _env_int("DREAMSTREAM_MODAL_MIN_GPUS", 0)  # 1 = no cold start for the first stream: $27/day on L4
+MIN_GPUS = _env_int("DREAMSTREAM_MODAL_MIN_GPUS", 0)  # 1 = no cold start for the first stream: $30/day on L4
 MAX_GPUS = _env_int("DREAMSTREAM_MODAL_MAX_GPUS", 8)  # the bill's ceiling
 GPU_IDLE_S = _env_int("DREAMSTREAM_MODAL_GPU_IDLE_S", 300)  # outlives a scene switch, not a lunch break
 GPU_STARTUP_S = 20 * 60  # image pull + weights from the volume + CUDA graphs (first start: + compiling)
@@ -187,6 +187,12 @@ def pool_processor(settings: Settings) -> str:
     return "lightning" if settings.processor == "auto" else settings.processor
 
 
+def make_engine(settings: Settings, processor: str) -> Engine:
+    """The Engine a GPU container runs, as `dreamstream serve` builds it; no processor loaded yet."""
+    return Engine(settings.stream_defaults(processor), settings.processor_options, settings.max_frame_bytes,
+                  settings.max_frame_side, settings.jpeg_quality)
+
+
 def portable(result: bytes | Exception) -> bytes | Exception:
     """What goes back to the gateway: JPEG bytes, a FrameError (its protocol code matters), or a RuntimeError.
 
@@ -248,9 +254,9 @@ tools = modal.App(f"{APP_NAME or 'dreamstream'}-tools")  # one-off jobs, run wit
 app = {"pool": pool_app, "shard": shard_app}[MODE]  # what `modal deploy modal_app.py` deploys
 
 # What both GPU classes ask for. Memory: the Lightning processor keeps two 5.1 GB UNet state dicts in host RAM
-# (switching step counts is a copy, not a disk read), a third is read while switching, the text encoders and
-# ControlNet pass through host memory on load, and torch.compile's workers and the snapshot need their share:
-# ~24 GB at the peak, so 32 GiB (the old 16 GiB ran out on the second step count).
+# (switching step counts is a copy, not a disk read) and reads a third before dropping one, the text encoders
+# pass through host memory in fp32 on load, and CUDA's host side and torch.compile's workers need theirs:
+# about 22 GB at the peak by that count (not measured on Modal), so 32 GiB; 16 GiB could not hold it.
 GPU_MEMORY_MIB = 32 * 1024
 GPU_OPTIONS = dict(
     gpu=GPU[0] if len(GPU) == 1 else GPU,
@@ -284,12 +290,8 @@ class Restyler:
     def prepare(self) -> None:
         """Before the snapshot: settings, the Engine (no processor yet) and the heavy imports."""
         logging.basicConfig(level=logging.INFO)
-        settings = modal_settings()
-        self.processor = pool_processor(settings)
-        self.engine = Engine(
-            settings.stream_defaults(self.processor), settings.processor_options,
-            settings.max_frame_bytes, settings.max_frame_side, settings.jpeg_quality,
-        )
+        self.processor = pool_processor(modal_settings())
+        self.engine = make_engine(modal_settings(), self.processor)
         import_diffusion_stack(self.processor)
 
     @modal.enter()
@@ -379,9 +381,7 @@ class Shard:
     @modal.asgi_app()
     def web(self) -> FastAPI:
         """The whole server: pages, sockets and the processor (loaded by the app's lifespan, as locally)."""
-        settings = self.settings
-        engine = Engine(settings.stream_defaults(self.processor), settings.processor_options,
-                        settings.max_frame_bytes, settings.max_frame_side, settings.jpeg_quality)
+        engine, settings = make_engine(self.settings, self.processor), self.settings
         reason = f"Modal shard {shard_app.name} ({GPU_LABEL}): the {self.processor} processor on this container"
         return create_app(settings, LocalBackend(engine, self.processor, reason, settings.processing_timeout_s))
 
@@ -422,8 +422,7 @@ def warm_up(processors: str = "") -> None:
     settings = modal_settings()
     names = [p.strip() for p in processors.split(",") if p.strip()] or [pool_processor(settings)]
     seed_kernels()  # start from what an earlier run compiled
-    engine = Engine(settings.stream_defaults(names[0]), settings.processor_options,
-                    settings.max_frame_bytes, settings.max_frame_side, settings.jpeg_quality)
+    engine = make_engine(settings, names[0])
     for name in names:
         started = time.monotonic()
         proc = engine.processor(name)  # loads, captures graphs, starts the background compile
