@@ -370,8 +370,7 @@ class Shard:
     def prepare(self) -> None:
         """Before the snapshot: the heavy imports (the processor loads in the app's worker thread, after)."""
         logging.basicConfig(level=logging.INFO)
-        self.settings = modal_settings()
-        self.processor = pool_processor(self.settings)
+        self.processor = pool_processor(modal_settings())
         import_diffusion_stack(self.processor)
 
     @modal.enter()
@@ -381,7 +380,8 @@ class Shard:
     @modal.asgi_app()
     def web(self) -> FastAPI:
         """The whole server: pages, sockets and the processor (loaded by the app's lifespan, as locally)."""
-        engine, settings = make_engine(self.settings, self.processor), self.settings
+        settings = modal_settings()  # after the restore: the keys as the secret holds them now
+        engine = make_engine(settings, self.processor)
         reason = f"Modal shard {shard_app.name} ({GPU_LABEL}): the {self.processor} processor on this container"
         return create_app(settings, LocalBackend(engine, self.processor, reason, settings.processing_timeout_s))
 
