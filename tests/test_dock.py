@@ -133,7 +133,7 @@ def test_dock_key_and_token_handling(tmp_path, browser):
             page.wait_for_function("() => document.querySelector('#state').textContent === 'refused'")
             alert = page.inner_text("#alerts")
             assert "missing or wrong viewer token" in alert and "Viewer token" in alert
-            assert page.get_attribute("#stream-key", "placeholder") == "required on this server"
+            assert page.get_attribute("#stream-key", "placeholder") == "required here"
             page.fill("#viewer-token", "watch-me")
             page.dispatch_event("#viewer-token", "change")
             wait_for_frames(page, "#preview", at_least=3)

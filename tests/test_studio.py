@@ -363,13 +363,11 @@ def test_right_key_but_no_viewer_token_says_so_instead_of_connecting_forever(tmp
                 page.fill("#stream-key", "right-key")
                 page.click("#start-camera")
                 page.wait_for_function("() => document.querySelector('#link').textContent === 'broadcasting'")
-                page.wait_for_function(
-                    "() => document.querySelector('#preview-state').textContent.includes('going out')"
-                )
-                state = page.text_content("#preview-state")
-                assert "refused the preview: missing or wrong viewer token" in state
-                assert "Your broadcast is going out" in state
-                assert "viewer token" in page.inner_text("#alerts") and in_view(page, "#alerts .alert")
+                page.wait_for_function("() => document.querySelector('#alerts').textContent.includes('going out')")
+                alert = page.inner_text("#alerts")
+                assert "refused the preview: missing or wrong viewer token" in alert
+                assert "Your broadcast is going out" in alert and in_view(page, "#alerts .alert")
+                assert "needs the viewer token" in page.text_content("#preview-state")
                 deadline = time.monotonic() + 10
                 while not viewer.frames and time.monotonic() < deadline:
                     time.sleep(0.1)

@@ -12,7 +12,7 @@ import { StyleControls } from "./style.js";
 const cfg = pageConfig();
 const $ = (id) => document.getElementById(id);
 const log = new MessageLog($("messages"), {
-  onChange: (l) => setText($("messages-count"), l.errors ? `(${l.errors} errors)` : ""),
+  onChange: (l) => setText($("messages-count"), l.errors ? `(${l.errors} ${l.errors === 1 ? "error" : "errors"})` : ""),
 });
 const say = (level, text) => log.say(level, text);
 const alerts = new Alerts($("alerts"));

@@ -341,7 +341,7 @@ function previewText() {
     const sending = broadcaster.isOpen ? "Your broadcast is going out; only this preview is refused. " : "";
     const text = `The server refused the preview: ${socket.lastClose.reason}. ${sending}Enter the viewer token under Source.`;
     alerts.show("token", "error", text, { repeat: false });
-    return text;
+    return "The preview is refused: it needs the viewer token (see above).";
   }
   if (heard) alerts.clear("token");
   const state = socket.link === "open" ? preview.state : "connecting";
