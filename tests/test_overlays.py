@@ -6,6 +6,7 @@ the page untouched and a screenshot (transparent background kept) shows exactly 
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.error
 import urllib.request
@@ -121,6 +122,27 @@ def test_debug_hud_shows_state_fps_and_latency(browser, server):
         assert page.text_content("[data-hud=latency]").endswith(" ms")
         assert page.text_content("[data-hud=size]").startswith("320×240")
         assert page.text_content("[data-hud=reconnects]") == "0"
+
+
+def test_debug_hud_shows_the_streams_processor_and_its_loading_progress(browser, server):
+    state = {"identity": {"state": "ready", "progress": 1.0}}
+
+    def fake_health(route):
+        health = json.loads(route.fetch().text())
+        route.fulfill(json={**health, "processors": state})
+
+    with (
+        FramePusher(server.ws, "hud-proc", solid_jpeg(RED, (320, 240)), fps=10),
+        open_page(browser, "about:blank") as page,
+    ):
+        page.route("**/healthz", fake_health)
+        page.goto(f"{server.http}/overlay/hud-proc?debug=1")
+        page.wait_for_function("() => document.querySelector('[data-hud=processor]').textContent === 'identity'")
+        state["identity"] = {"state": "loading", "progress": 0.5, "reason": "compiling"}
+        page.wait_for_function(
+            "() => document.querySelector('[data-hud=processor]').textContent === 'loading identity… 50 %'",
+            timeout=10_000,
+        )
 
 
 def test_page_reconnects_after_a_server_restart(tmp_path, browser):
