@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import build_models, free_port, make_frames, progress  # noqa: E402
+from benchmarks.real_models import hub_cache  # noqa: E402
 
 # name -> (serve flags after `--processor lightning`, tiny VAE, most streams)
 CONFIGS: dict[str, tuple[list[str], bool, int]] = {
@@ -223,7 +224,9 @@ class Bench:
         env.update({name: str(self.paths[key]) for name, key in MODEL_VARS.items()})
         env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                    PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TORCHINDUCTOR_CACHE_DIR=self.cache,
-                   DREAMSTREAM_DEVICE=self.args.device, DREAMSTREAM_MAX_FPS=str(self.args.max_fps))
+                   DREAMSTREAM_DEVICE=self.args.device, DREAMSTREAM_MAX_FPS=str(self.args.max_fps),
+                   # the default tiny_encoder (madebyollin/taesdxl) as a cached download: the set's random TAESDXL
+                   HF_HUB_CACHE=str(hub_cache(Path(self.args.models), self.paths)))
         if self.args.batch_sizes:  # fewer shapes to compile in a short GPU call (1..N streams pad up to them)
             env["DREAMSTREAM_BATCH_SIZES"] = self.args.batch_sizes
         if (vae := Path(self.args.models) / "sdxl_vae_fp16").is_dir():  # the fp16-fix VAE, where the set has it

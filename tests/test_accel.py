@@ -129,3 +129,82 @@ def test_inductor_cache_goes_to_our_folder_unless_the_user_chose_one(monkeypatch
     assert cache_dir() == str(tmp_path / "dreamstream" / "inductor")  # and inductor now writes there
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert inductor_cache_dir() == tmp_path / "mine"
+
+
+def test_fused_attention_projections_match_eager_and_follow_a_checkpoint_swap(tiny_env):
+    """With the fast path on, every attention's q/k/v (or k/v) run as one matmul; the separate weights are views of
+    the fused one, so lightning's in-place checkpoint swap (a different UNet per step count) reaches it too."""
+    from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+    requests = [FrameRequest(textured_frame(seed=i), f"prompt {i}", 0.7, 2, 10 + i, True) for i in range(2)]
+    eager = create_processor("lightning", num_steps=2, compile="off", **SIZE)
+    fast = create_processor("lightning", num_steps=2, compile="graphs", batch_sizes="2", **SIZE)
+    for model in (fast.unet, fast.controlnet):
+        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        assert layers and all(isinstance(m.processor, FusedAttnProcessor2_0) for m in layers)
+        self_attn = next(m for m in layers if not m.is_cross_attention)
+        assert self_attn.to_k.weight.data_ptr() == self_attn.to_qkv.weight.data_ptr() + \
+            self_attn.to_q.weight.numel() * self_attn.to_q.weight.element_size()
+    assert not any(hasattr(m, "to_qkv") for m in eager.unet.modules())  # the eager path stays as loaded
+    for steps in (2, 4, 2):  # 4 steps: another checkpoint copied into the same (fused) parameters, then back
+        batch = [dataclasses.replace(r, num_steps=steps) for r in requests]
+        ours, reference = fast.process_batch(batch), eager.process_batch(batch)
+        assert fast.unet_file == eager.unet_file
+        for a, b in zip(ours, reference, strict=True):
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 2, steps
+
+
+def test_api_use_without_warmup_still_optimises_in_the_background(tiny_env, monkeypatch):
+    """get_diffusion_processor + process_base64_frame never call warmup(): compile=full compiles what they ran."""
+    monkeypatch.setattr("service.processors.accel.COMPILE_BACKEND", "aot_eager")
+    request = FrameRequest(textured_frame(seed=3), "prompt", 0.7, 2, 10, False)
+    fast = create_processor("lightning", num_steps=2, use_controlnet=False, compile="full", batch_sizes="1", **SIZE)
+    eager = create_processor("lightning", num_steps=2, use_controlnet=False, compile="off", **SIZE)
+    first = fast.process_batch([request])
+    assert fast.optimise_progress()["state"] in ("running", "done")
+    assert fast.wait_optimised(timeout=900) and fast.optimise_progress()["state"] == "done"
+    assert fast.optimise_progress()["done"] >= 3  # unet, vae_encode, vae_decode for batch 1
+    late, reference = fast.process_batch([request]), eager.process_batch([request])
+    assert np.abs(first[0].astype(int) - reference[0].astype(int)).max() <= 2
+    assert np.abs(late[0].astype(int) - reference[0].astype(int)).max() <= 2
+
+
+def _fake_hub_cache(root, repo: str, folder) -> None:
+    """A Hugging Face cache holding `folder` as `repo` (what one download leaves), for an offline test."""
+    cached = root / f"models--{repo.replace('/', '--')}"
+    snapshot = cached / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("0" * 40)
+    for file in folder.iterdir():
+        (snapshot / file.name).symlink_to(file)
+
+
+def test_tiny_encoder_encodes_with_taesd_and_decodes_with_the_full_vae(tiny_env, tiny_models, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+    from diffusers import AutoencoderTiny
+
+    from service.processors.models import ModelUnavailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelUnavailableError, match="madebyollin/taesdxl"):  # asked for, and not to be had
+        create_processor("lightning", num_steps=2, use_controlnet=False, tiny_encoder=True, **SIZE)
+    default = create_processor("lightning", num_steps=2, use_controlnet=False, **SIZE)
+    assert default.describe()["vae_encoder"] == "vae"  # on CPU the default is the full VAE's encoder
+    with pytest.raises(ValueError, match="tiny_encoder"):
+        create_processor("lightning", num_steps=2, use_controlnet=False, tiny_encoder="yes", **SIZE)
+
+    _fake_hub_cache(tmp_path, "madebyollin/taesdxl", tiny_models["taesdxl"])
+    proc = create_processor("lightning", num_steps=2, use_controlnet=False, tiny_encoder=True, **SIZE)
+    assert proc.describe()["vae_encoder"] == "tiny" and type(proc.vae).__name__ == "AutoencoderKL"
+    pixels = torch.rand(1, 3, 64, 64)
+    taesd = AutoencoderTiny.from_pretrained(str(tiny_models["taesdxl"]))
+    with torch.inference_mode():
+        expected = taesd.encode(pixels * 2 - 1).latents * taesd.config.scaling_factor
+        full = default.encode(pixels)
+        assert torch.allclose(proc.encode(pixels), expected, atol=1e-5)
+        assert not torch.allclose(full, expected, atol=1e-2)  # the full encoder is another function
+    out = proc.process_batch([FrameRequest(textured_frame(), "prompt", 0.7, 2, 10, False)])[0]
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8

@@ -52,7 +52,7 @@ log = logging.getLogger("dreamstream.processors")
 V = TypeVar("V")
 MODEL_OPTIONS = ("base_model", "controlnet_model", "depth_model", "tiny_vae", "vae_model")
 COMMON_OPTIONS = MODEL_OPTIONS + ("device", "dtype", "width", "height", "controlnet_scale", "compile", "batch_sizes",
-                                   "gpu_jpeg")
+                                   "gpu_jpeg", "tiny_encoder")
 
 
 def steps_to_run(num_steps: int, strength: float) -> int:
@@ -136,6 +136,7 @@ class DiffusionProcessor(Processor):
     model_options: ClassVar[tuple[str, ...]] = MODEL_OPTIONS
     default_controlnet_scale: ClassVar[float] = 1.0
     upcast_vae: ClassVar[bool] = False  # run a full VAE that says `force_upcast` in fp32 (SDXL's NaNs in fp16)
+    tiny_encoder_default: ClassVar[bool] = False  # on CUDA, encode the input with the tiny VAE (see _load_encoder)
 
     def __init__(
         self,
@@ -168,6 +169,7 @@ class DiffusionProcessor(Processor):
         self._prompts: LRU = LRU(64)
         self._noise: LRU = LRU(64)
         self._schedules: dict[tuple[int, int], Schedule] = {}
+        self._warming = False  # inside warmup(): the background optimiser waits for its end
         # every model this processor loads now, checked together: one error names all that are missing
         skip = ({"controlnet_model", "depth_model"} if not self.use_controlnet else set()) | (
             {"vae_model"} if self.sources["tiny_vae"] is not None else set())
@@ -177,7 +179,8 @@ class DiffusionProcessor(Processor):
         self.gpu_jpeg = _flag(options, "gpu_jpeg", True) and gpu_jpeg.available(self.device)
         self.load_models()
         self._load_vae()
-        self.accel.optimize(self.unet, self.vae)
+        self._load_encoder()
+        self.accel.optimize(self.unet, self.vae, self.encoder_vae if self.encoder_vae is not self.vae else None)
         # The fast path plugs in here and nowhere else: these four model calls, as the mode runs them.
         self.unet_with_control = self.accel.function(  # type: ignore[method-assign]
             "unet+controlnet", self.unet_with_control, has_blocks=True)
@@ -244,6 +247,49 @@ class DiffusionProcessor(Processor):
         self.vae = cast(vae, self.vae_dtype)
         self.latent_scale = float(vae.config.scaling_factor)
         self.latent_shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    def _load_encoder(self) -> None:
+        """What encodes the img2img input: the VAE itself, or, with a full VAE, the tiny VAE's encoder.
+
+        Option `tiny_encoder`: True / False, default True for lightning on CUDA. The full SDXL VAE's encoder costs
+        ~4 ms a 512 px frame even compiled, TAESDXL's ~0.5 ms, and its latents approximate the full encoder's
+        (it was trained to). Lightning's default 2 steps x 0.7 start from sigma ~14.6, where the input latents
+        are 1/15 of what the UNet sees, so their small error is lost in the noise; the full decoder keeps the
+        output's quality. The model is `tiny_vae`'s default (madebyollin/taesdxl, 10 MB). By default, when it
+        cannot be had (offline and not cached) the full encoder is used and the log says why; asked for
+        explicitly, that is an error.
+        """
+        self.encoder_vae, self.encoder_dtype = self.vae, self.vae_dtype
+        self.encoder_scale, self.encoder_shift = self.latent_scale, self.latent_shift
+        value = self.options.get("tiny_encoder")
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"tiny_encoder must be True or False, got {value!r}")
+        if self.sources["tiny_vae"] is not None:
+            return  # the tiny VAE does both already
+        wanted = value if value is not None else (self.tiny_encoder_default and str(self.device).startswith("cuda"))
+        if not wanted:
+            return
+        from diffusers import AutoencoderTiny
+
+        from service.processors.models import ModelUnavailableError
+
+        source = model_source(self.name, "tiny_vae", True)
+        assert source is not None
+        try:
+            tiny = load_model(source, lambda ref, local: AutoencoderTiny.from_pretrained(
+                ref, local_files_only=local, torch_dtype=self.dtype), what="(tiny_encoder: its encoder only)")
+        except ModelUnavailableError as exc:
+            if value:
+                raise
+            log.warning("tiny_encoder: %s; encoding with the full VAE instead (a few ms slower a frame)", exc)
+            return
+        tiny.decoder = torch.nn.Identity()  # only the encoder is used
+        self.encoder_vae = cast(tiny.to(self.device).eval().requires_grad_(False), self.dtype)
+        self.encoder_dtype = self.dtype
+        self.encoder_scale = float(tiny.config.scaling_factor)
+        self.encoder_shift = float(getattr(tiny.config, "shift_factor", None) or 0.0)
+        log.info("tiny_encoder: the img2img input is encoded with %s's encoder, decoded with the full VAE",
+                 source.describe())
 
     def ensure_controlnet(self) -> None:
         """Load the ControlNet and the depth estimator the first time a frame asks for them."""
@@ -325,6 +371,8 @@ class DiffusionProcessor(Processor):
                 images = self.run_group([requests[i] for i in members], num_steps, run, use_controlnet)
                 for i, image in zip(members, images, strict=True):
                     results[i] = image
+        if not self._warming:  # a processor used without warmup() (the Python API): optimise what it has run
+            self.accel.allow_optimising()
         return results
 
     def run_group(self, requests: list[FrameRequest], num_steps: int, run: int,
@@ -370,9 +418,9 @@ class DiffusionProcessor(Processor):
 
     def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """The latent mean, not a sample: no extra randomness per frame, and the same for TAESD."""
-        out = self.vae.encode(pixels.to(self.vae_dtype) * 2 - 1)
+        out = self.encoder_vae.encode(pixels.to(self.encoder_dtype) * 2 - 1)
         latents = out.latents if hasattr(out, "latents") else out.latent_dist.mode()
-        return (latents.float() - self.latent_shift) * self.latent_scale
+        return (latents.float() - self.encoder_shift) * self.encoder_scale
 
     def decode(self, latents: torch.Tensor) -> list[torch.Tensor]:
         return list(self.vae_decode(latents))
@@ -448,12 +496,16 @@ class DiffusionProcessor(Processor):
         what = "capturing CUDA graphs" if self.accel.background or self.accel.mode == "graphs" else "compiling"
         log.info("%s: %s (compile=%s) for %d batch shapes%s", self.name, what, self.accel.mode, len(shapes),
                  "" if what != "compiling" else "; the first can take minutes")
-        for i, (size, cn) in enumerate(shapes, 1):
-            step = time.perf_counter()
-            self.accel.recording = cn == controlnet[0]  # the other setting is optimised once frames use it
-            self.process_batch([dataclasses.replace(self.request(image), use_controlnet=cn)] * size)
-            log.info("%s: batch %d, controlnet %s ready (%d/%d) in %.1f s", self.name, size,
-                     "on" if cn else "off", i, len(shapes), time.perf_counter() - step)
+        self._warming = True
+        try:
+            for i, (size, cn) in enumerate(shapes, 1):
+                step = time.perf_counter()
+                self.accel.recording = cn == controlnet[0]  # the other setting is optimised once frames use it
+                self.process_batch([dataclasses.replace(self.request(image), use_controlnet=cn)] * size)
+                log.info("%s: batch %d, controlnet %s ready (%d/%d) in %.1f s", self.name, size,
+                         "on" if cn else "off", i, len(shapes), time.perf_counter() - step)
+        finally:
+            self._warming = False
         if self.accel.uses_graphs:
             with CAPTURE_LOCK:  # the eager warm-up runs' blocks: the graphs hold what they need
                 torch.cuda.empty_cache()
@@ -482,6 +534,7 @@ class DiffusionProcessor(Processor):
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "vae_dtype": str(self.vae_dtype).removeprefix("torch."),
+            "vae_encoder": "tiny" if self.encoder_vae is not self.vae else "vae",
             "width": self.width,
             "height": self.height,
             "num_steps": self.num_steps,
