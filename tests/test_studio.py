@@ -235,7 +235,7 @@ def test_style_controls_change_the_stream_config_live(browser, server):
         bad = "() => window.dreamstream.broadcaster.send(JSON.stringify({type: 'config', strength: 5}))"
         for _ in range(3):
             page.evaluate(bad)
-        page.wait_for_function("() => document.querySelector('#messages li.error .count').textContent === '×3'")
+        page.wait_for_function("() => document.querySelector('#messages li.error .count')?.textContent === '×3'")
         lines = [t for t in page.locator("#messages li").all_inner_texts() if "bad_config" in t]
         assert len(lines) == 1 and "strength must be" in lines[0], lines
         alert = page.locator("#alerts .alert")
