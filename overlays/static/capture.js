@@ -185,7 +185,7 @@ export class Capture {
   }
 
   _tick() {
-    if (!this.media) return;
+    if (!this.media || this.method === "pending") return; // the worker has not said how it takes frames yet
     const now = performance.now();
     if (this._encodingSince && now - this._encodingSince < 2000) return; // still encoding the last one
     const way = this.handlers.ready();
