@@ -8,6 +8,10 @@ as one JSON block (`{{ client|tojson }}` inside `<script type="application/json"
 script, and a Content-Security-Policy that allows only our own script files makes any markup that did
 slip through inert. A bad overlay option answers a readable 400 page: in an OBS source that error is
 visible at once, where a silent fallback would hide the typo.
+
+The dock takes the stream key in its URL (OBS's dock settings have nowhere else to put it): like a viewer
+token it reaches the page only in that JSON block, is never sent as a referrer (`no-referrer`), is redacted
+from the access log (service/auth.py), and the dock sends it only to this server, as a Bearer header.
 """
 
 from __future__ import annotations
