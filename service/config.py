@@ -217,6 +217,7 @@ class Settings:
     processing_timeout_s: float = 30.0
     max_message_bytes: int = 16 * 1024 * 1024  # any WebSocket message; bigger ones close the socket (1009)
     max_pending_requests: int = 8  # POST /api/process calls waiting for the processor; more get 503
+    max_process_pixels: int = 1024 * 1024  # POST /api/process: bigger images are refused (413) from the header
     send_timeout_s: float = 20.0  # a viewer that takes no data for this long is dropped, freeing its seat
     jpeg_quality: int = 85
 
@@ -240,6 +241,7 @@ class Settings:
             processing_timeout_s=_env_number("DREAMSTREAM_PROCESSING_TIMEOUT", 30.0, float),
             max_message_bytes=_env_number("DREAMSTREAM_MAX_MESSAGE_BYTES", 16 * 1024 * 1024, int),
             max_pending_requests=_env_number("DREAMSTREAM_MAX_PENDING_REQUESTS", 8, int),
+            max_process_pixels=_env_number("DREAMSTREAM_MAX_PROCESS_PIXELS", 1024 * 1024, int),
             send_timeout_s=_env_number("DREAMSTREAM_SEND_TIMEOUT", 20.0, float),
             processor=env.get("DREAMSTREAM_PROCESSOR", "auto"),
         )

@@ -1,29 +1,74 @@
-"""Prometheus metrics, in a registry of the app's own (several apps can live in one process)."""
+"""Prometheus metrics, in a registry of the app's own (several apps can live in one process).
+
+Series labelled with a stream id stay bounded: at most `max_labelled_streams` streams have series of their own
+(the others, and anything counted for a stream that has already ended, such as a `stale` result that came back
+after its stream was removed, go under `stream="_other"`), and a stream's series are all removed when it ends.
+A stream gets series of its own only through what opens one (a frame in, a viewer joining), so nothing counted
+after its end can bring a removed stream's series back.
+"""
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_LABELLED_STREAMS = 200  # = DREAMSTREAM_MAX_STREAMS' default of 100 live + 100 waiting
+OTHER = "_other"  # the label of the streams past the cap, and of counts for streams that have ended
+
+
+class _PerStream:
+    """A labelled metric whose first label is the stream id, bounded and forgotten through its `Metrics`."""
+
+    def __init__(self, owner: Metrics, metric: Any, opens: bool) -> None:
+        self._owner, self._metric, self._opens = owner, metric, opens
+
+    def labels(self, stream_id: str, *rest: str) -> Any:
+        return self._owner._child(self._metric, self._opens, stream_id, rest)
+
+    def remove(self, *labels: str) -> None:
+        self._metric.remove(*labels)
+
+    def collect(self) -> Any:
+        return self._metric.collect()
+
+
+class _OtherGauge:
+    """The `_other` viewers gauge: the sum over the streams past the cap, each of which sets its own part."""
+
+    def __init__(self, owner: Metrics, stream_id: str) -> None:
+        self._owner, self._stream_id = owner, stream_id
+
+    def set(self, value: float) -> None:
+        self._owner._other_viewers[self._stream_id] = value
+        self._owner._gauge.labels(OTHER).set(sum(self._owner._other_viewers.values()))
+
+    def inc(self, amount: float = 1) -> None:
+        self.set(self._owner._other_viewers.get(self._stream_id, 0) + amount)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, max_labelled_streams: int = MAX_LABELLED_STREAMS) -> None:
         self.registry = CollectorRegistry()
+        self.max_labelled_streams = max_labelled_streams
+        self._labelled: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}  # stream id -> its series
+        self._past_cap: set[str] = set()  # open streams counted under `_other`
+        self._other_viewers: dict[str, float] = {}
         r = self.registry
-        self.frames_in = Counter("dreamstream_frames_in", "Frames received from broadcasters", ["stream"], registry=r)
-        self.frames_out = Counter(
-            "dreamstream_frames_processed", "Frames processed and sent to viewers", ["stream"], registry=r
-        )
-        self.frames_dropped = Counter(
+        self.frames_in = _PerStream(self, Counter(
+            "dreamstream_frames_in", "Frames received from broadcasters", ["stream"], registry=r), opens=True)
+        self.frames_out = _PerStream(self, Counter(
+            "dreamstream_frames_processed", "Frames processed and sent to viewers", ["stream"], registry=r),
+            opens=False)
+        self.frames_dropped = _PerStream(self, Counter(
             "dreamstream_frames_dropped",
-            "Frames dropped: superseded by a newer one, over the fps limit, or stale after a config change",
+            "Frames dropped: superseded by a newer one, over the fps limit or budget, or stale after a config change",
             ["stream", "reason"],
             registry=r,
-        )
+        ), opens=False)
         self.errors = Counter("dreamstream_errors", "Error messages sent to clients", ["code"], registry=r)
         self.latency = Histogram(
             "dreamstream_processing_latency_seconds",
@@ -34,27 +79,58 @@ class Metrics:
         self.batch_size = Histogram(
             "dreamstream_batch_size", "Frames per processor call", buckets=(1, 2, 4, 8, 16, 32), registry=r
         )
-        self.viewers = Gauge("dreamstream_viewers", "Connected viewers", ["stream"], registry=r)
+        self._gauge = Gauge("dreamstream_viewers", "Connected viewers", ["stream"], registry=r)
+        self.viewers = _PerStream(self, self._gauge, opens=True)
         self.streams = Gauge("dreamstream_streams", "Streams with a broadcaster or viewers", registry=r)
-        self.viewer_skipped = Counter(
-            "dreamstream_viewer_frames_skipped", "Frames a slow viewer skipped", ["stream"], registry=r
-        )
+        self.viewer_skipped = _PerStream(self, Counter(
+            "dreamstream_viewer_frames_skipped", "Frames a slow viewer skipped", ["stream"], registry=r), opens=False)
+
+    def _child(self, metric: Any, opens: bool, stream_id: str, rest: tuple[str, ...]) -> Any:
+        if stream_id not in self._labelled and stream_id != OTHER:
+            if not opens or stream_id in self._past_cap:
+                return self._other(metric, stream_id, rest)
+            if len(self._labelled) >= self.max_labelled_streams:
+                self._past_cap.add(stream_id)
+                return self._other(metric, stream_id, rest)
+            self._labelled[stream_id] = set()
+        if stream_id != OTHER:
+            self._labelled[stream_id].add((metric, (stream_id, *rest)))
+        return metric.labels(stream_id, *rest)
+
+    def _other(self, metric: Any, stream_id: str, rest: tuple[str, ...]) -> Any:
+        if metric is self._gauge:
+            return _OtherGauge(self, stream_id) if stream_id in self._past_cap else _Nothing()
+        return metric.labels(OTHER, *rest)
+
+    @property
+    def labelled_streams(self) -> int:
+        return len(self._labelled)
 
     def forget_stream(self, stream_id: str) -> None:
-        """Drop a closed stream's labelled series so the label set stays bounded."""
-        for metric in (self.frames_in, self.frames_out, self.viewers, self.viewer_skipped):
+        """Remove an ended stream's series (every one it had, whatever the label); later counts for it go to
+        `_other` until a stream of that id opens again."""
+        for metric, labels in self._labelled.pop(stream_id, ()):
             try:
-                metric.remove(stream_id)
+                metric.remove(*labels)
             except KeyError:
                 pass
-        for reason in ("superseded", "rate_limited", "stale"):
-            try:
-                self.frames_dropped.remove(stream_id, reason)
-            except KeyError:
-                pass
+        if stream_id in self._past_cap:
+            self._past_cap.discard(stream_id)
+            if self._other_viewers.pop(stream_id, None) is not None:
+                self._gauge.labels(OTHER).set(sum(self._other_viewers.values()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Nothing:
+    """A gauge child that records nothing (a viewer count for a stream that has ended)."""
+
+    def set(self, value: float) -> None:
+        pass
+
+    def inc(self, amount: float = 1) -> None:
+        pass
 
 
 class RateMeter:

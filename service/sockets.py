@@ -35,9 +35,11 @@ def _refusal(ds: DreamStream, ws: WebSocket, stream_id: str) -> str | None:
         return "the server is shutting down"
     if not valid_stream_id(stream_id):
         return "stream id must be 1-64 characters of A-Z a-z 0-9 _ -"
-    if not auth.origin_allowed(ds.settings, ws.headers.get("origin"), ws.headers.get("host")):
-        log.warning("stream %s: socket refused: origin %.100r is not allowed", stream_id, ws.headers.get("origin"))
-        return "origin not allowed (DREAMSTREAM_ALLOWED_ORIGINS)"
+    server = ws.scope.get("server")
+    if (why := auth.browser_refusal(ds.settings, ws.headers, str(server[0]) if server else None)) is not None:
+        log.warning("stream %s: socket refused: %s (Origin %.100r, Host %.100r)", stream_id, why,
+                    ws.headers.get("origin"), ws.headers.get("host"))
+        return why
     return None
 
 
