@@ -115,7 +115,8 @@ def test_the_dock_follows_changes_made_elsewhere(browser, server):
     ):
         page.wait_for_function("() => document.querySelector('#state').textContent === 'live'")
         body = json.dumps({"prompt": "pencil sketch", "strength": 0.35}).encode()
-        request = urllib.request.Request(f"{server.http}/api/streams/follow/config", body, method="POST")
+        request = urllib.request.Request(f"{server.http}/api/streams/follow/config", body, method="POST",
+                                         headers={"Content-Type": "application/json"})  # a form type gets 415
         urllib.request.urlopen(request, timeout=5).close()
         page.wait_for_function("() => document.querySelector('#prompt').value === 'pencil sketch'")
         assert page.input_value("#strength") == "0.35"
