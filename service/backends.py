@@ -106,7 +106,11 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
 
 
 class LocalBackend(ProcessorBackend):
-    """Runs an Engine in one worker thread: the thread owns the processors (they are not thread-safe)."""
+    """Runs an Engine in one worker thread: the thread owns the processors (they are not thread-safe).
+
+    Two batches in flight: while the worker styles one, the next is decoded beside it."""
+
+    max_in_flight = 2
 
     def __init__(self, engine: Engine, processor: str, reason: str, timeout_s: float = 30.0) -> None:
         self.engine = engine
@@ -179,9 +183,12 @@ class LocalBackend(ProcessorBackend):
                 for job in jobs]
 
     async def _run(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
+        # Decoding runs in a thread of its own (libjpeg and OpenCV release the GIL), while the worker styles the
+        # batch before: the worker that serves everyone only styles and encodes.
+        prepared = await asyncio.to_thread(self.engine.prepare, jobs)
         async with self._lock:
             abandoned = threading.Event()
-            future = self._worker.submit(self.engine.run, jobs, abandoned)
+            future = self._worker.submit(self.engine.run_prepared, prepared, abandoned)
             try:
                 return await asyncio.wait_for(future, self.timeout_s)
             except asyncio.TimeoutError:

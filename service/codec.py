@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import re
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from service.errors import ClientError
 
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_SIDE = 4096
+DEFAULT_MAX_PIXELS = 3840 * 2160  # 4K UHD: what a frame may decode to
+DEFAULT_PROCESS_SIDE = 960  # frames are shrunk to this long side while decoding (see `decode_probed`)
 DEFAULT_QUALITY = 85  # JPEG quality of styled frames (the server's Settings.jpeg_quality defaults to it too)
 _DATA_URL_RE = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 
@@ -70,7 +73,8 @@ _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
 
 
-def probe(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_side: int = DEFAULT_MAX_SIDE) -> FrameInfo:
+def probe(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_side: int = DEFAULT_MAX_SIDE,
+          max_pixels: int = DEFAULT_MAX_PIXELS) -> FrameInfo:
     """Check an encoded image against the limits from its header alone.
 
     A hand-written parser rather than `Image.open`: Pillow walks PNG chunks and JPEG markers in
@@ -92,6 +96,9 @@ def probe(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_side: int = DEFAU
         raise FrameError("bad_frame", "frame is not a JPEG, PNG or WebP image")
     if width > max_side or height > max_side:
         raise FrameError("too_large", f"frame is {width}x{height}; the limit is {max_side} px a side")
+    if width * height > max_pixels:
+        raise FrameError("too_large", f"frame is {width}x{height} = {width * height / 1e6:.1f} MP; the limit is "
+                                      f"{max_pixels / 1e6:.1f} MP (DREAMSTREAM_MAX_FRAME_PIXELS)")
     if width < 1 or height < 1:
         raise FrameError("bad_frame", "frame has no pixels")
     return FrameInfo(fmt, width, height, gpu_decodable)
@@ -166,20 +173,34 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_side: int = DEFA
     return decode_probed(data, probe(data, max_bytes, max_side))
 
 
-def decode_probed(data: bytes, info: FrameInfo) -> np.ndarray:
-    """`decode` for a frame whose header `probe` has already checked (its `info`): the header is not walked twice."""
+def decode_probed(data: bytes, info: FrameInfo, max_side: int | None = None) -> np.ndarray:
+    """`decode` for a frame whose header `probe` has already checked (its `info`): the header is not walked twice.
+
+    `max_side`: shrink the frame so its long side is at most this. A JPEG shrinks while it is decoded (libjpeg's DCT
+    scaling decodes a 4096 px frame at 1/2, 1/4 or 1/8 of the work), then to the exact size; PNG and WebP after."""
+    scale = 1.0 if max_side is None else min(1.0, max_side / max(info.width, info.height))
     try:
+        rgb = None
         if info.format == "jpeg":
             try:
-                return simplejpeg.decode_jpeg(data, colorspace="RGB")
+                rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=math.ceil(info.width * scale),
+                                             min_height=math.ceil(info.height * scale))
             except ValueError:
                 pass  # CMYK, progressive oddities: Pillow handles what libjpeg-turbo's fast path refuses
-        with Image.open(io.BytesIO(data), formats=[info.format.upper()]) as img:
-            return np.asarray(img.convert("RGB"))
+        if rgb is None:
+            with Image.open(io.BytesIO(data), formats=[info.format.upper()]) as img:
+                rgb = np.asarray(img.convert("RGB"))
     except FrameError:
         raise
     except Exception:
         raise FrameError("bad_frame", "frame could not be decoded (truncated or corrupt image)") from None
+    if scale < 1.0:
+        import cv2
+
+        size = (max(1, round(info.width * scale)), max(1, round(info.height * scale)))
+        if (rgb.shape[1], rgb.shape[0]) != size:
+            rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    return rgb
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = DEFAULT_QUALITY) -> bytes:

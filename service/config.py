@@ -29,6 +29,7 @@ class ProcessorKind:
     summary: str
     steps: tuple[int, ...] | None = None  # the only step counts it runs (None: 1-100)
     diffusion: bool = False  # needs the diffusion extra (torch, diffusers) and model weights
+    batches: bool = True  # gains from styling several streams' frames in one call (a GPU model does; the filter not)
     offered: bool = True  # offered to users (identity is for tests and benchmarks)
 
 
@@ -36,7 +37,7 @@ PROCESSORS: dict[str, ProcessorKind] = {
     kind.name: kind
     for kind in (
         ProcessorKind("filter", "service.processors.filter:FilterProcessor", 2,
-                      "a painterly CPU filter: no GPU, no weights"),
+                      "a painterly CPU filter: no GPU, no weights", batches=False),
         ProcessorKind("standard", "service.processors.standard:StandardProcessor", 25,
                       "Stable Diffusion 1.5 img2img + depth ControlNet: the quality mode", diffusion=True),
         ProcessorKind("lightning", "service.processors.lightning:LightningProcessor", 4,
@@ -209,6 +210,9 @@ class Settings:
     # limits
     max_frame_bytes: int = 4 * 1024 * 1024
     max_frame_side: int = 4096
+    max_frame_pixels: int = 3840 * 2160  # what one frame may decode to (4K UHD)
+    max_process_side: int = 960  # frames are shrunk to this long side as they are decoded (1080p: DCT 1/2)
+    max_stream_pixels_per_s: float = 1920 * 1080 * 30.0  # one stream's budget: 1080p at 30 fps
     max_fps: float = 60.0
     max_viewers_per_stream: int = 1000
     max_streams: int = 100
@@ -219,6 +223,10 @@ class Settings:
     max_pending_requests: int = 8  # POST /api/process calls waiting for the processor; more get 503
     max_process_pixels: int = 1024 * 1024  # POST /api/process: bigger images are refused (413) from the header
     send_timeout_s: float = 20.0  # a viewer that takes no data for this long is dropped, freeing its seat
+    # connections (enforced by service/server.py's HTTP protocol: `dreamstream serve`, or uvicorn --http)
+    header_timeout_s: float = 5.0  # a connection whose request head is not complete by then is closed (0 = off)
+    max_connections: int | None = None  # open at once (0 = no cap); None: the open-file limit less 256
+    max_connections_per_address: int = 100  # open at once from one IP address (one /64 for IPv6; 0 = no cap)
     jpeg_quality: int = 85
 
     @classmethod
@@ -233,6 +241,9 @@ class Settings:
             processors=parse_processor_list(_env_list("DREAMSTREAM_PROCESSORS")),
             max_frame_bytes=_env_number("DREAMSTREAM_MAX_FRAME_BYTES", 4 * 1024 * 1024, int),
             max_frame_side=_env_number("DREAMSTREAM_MAX_FRAME_SIDE", 4096, int),
+            max_frame_pixels=_env_number("DREAMSTREAM_MAX_FRAME_PIXELS", 3840 * 2160, int),
+            max_process_side=_env_number("DREAMSTREAM_MAX_PROCESS_SIDE", 960, int),
+            max_stream_pixels_per_s=_env_number("DREAMSTREAM_MAX_STREAM_PIXELS_PER_S", 1920 * 1080 * 30.0, float),
             max_fps=_env_number("DREAMSTREAM_MAX_FPS", 60.0, float),
             max_viewers_per_stream=_env_number("DREAMSTREAM_MAX_VIEWERS", 1000, int),
             max_streams=_env_number("DREAMSTREAM_MAX_STREAMS", 100, int),
@@ -243,6 +254,9 @@ class Settings:
             max_pending_requests=_env_number("DREAMSTREAM_MAX_PENDING_REQUESTS", 8, int),
             max_process_pixels=_env_number("DREAMSTREAM_MAX_PROCESS_PIXELS", 1024 * 1024, int),
             send_timeout_s=_env_number("DREAMSTREAM_SEND_TIMEOUT", 20.0, float),
+            header_timeout_s=_env_number("DREAMSTREAM_HEADER_TIMEOUT", 5.0, float),
+            max_connections=_env_number("DREAMSTREAM_MAX_CONNECTIONS", None, int),
+            max_connections_per_address=_env_number("DREAMSTREAM_MAX_CONNECTIONS_PER_ADDRESS", 100, int),
             processor=env.get("DREAMSTREAM_PROCESSOR", "auto"),
         )
         for key, value in overrides.items():

@@ -67,11 +67,15 @@ class Engine:
         max_frame_bytes: int = codec.DEFAULT_MAX_BYTES,
         max_frame_side: int = codec.DEFAULT_MAX_SIDE,
         jpeg_quality: int = 85,
+        max_frame_pixels: int = codec.DEFAULT_MAX_PIXELS,
+        max_process_side: int | None = codec.DEFAULT_PROCESS_SIDE,
     ) -> None:
         self.default_config = default_config
         self.processor_options = dict(processor_options or {})
         self.max_frame_bytes = max_frame_bytes
         self.max_frame_side = max_frame_side
+        self.max_frame_pixels = max_frame_pixels
+        self.max_process_side = max_process_side  # frames are shrunk to this long side while decoding
         self.jpeg_quality = jpeg_quality
         self.processors: dict[str, Processor] = {}
         self._load_failures: dict[str, tuple[float, str]] = {}
@@ -115,11 +119,11 @@ class Engine:
         prepared = Prepared(jobs, [None] * len(jobs), [None] * len(jobs))
         for i, job in enumerate(jobs):
             try:
-                info = codec.probe(job.data, self.max_frame_bytes, self.max_frame_side)
+                info = codec.probe(job.data, self.max_frame_bytes, self.max_frame_side, self.max_frame_pixels)
                 proc = self.processors.get(job.config.processor_type)
                 if info.gpu_decodable and proc is not None and proc.gpu_jpeg:
                     continue  # decoded on the GPU, batched, in run_prepared
-                prepared.images[i] = codec.decode_probed(job.data, info)
+                prepared.images[i] = codec.decode_probed(job.data, info, self.max_process_side)
             except codec.FrameError as exc:
                 prepared.results[i] = exc
         return prepared
@@ -168,7 +172,9 @@ class Engine:
             for i, image in zip(members, images, strict=True):
                 if image is None:
                     try:
-                        image = codec.decode(prepared.jobs[i].data, self.max_frame_bytes, self.max_frame_side)
+                        data = prepared.jobs[i].data
+                        info = codec.probe(data, self.max_frame_bytes, self.max_frame_side, self.max_frame_pixels)
+                        image = codec.decode_probed(data, info, self.max_process_side)
                     except codec.FrameError as exc:
                         prepared.results[i] = exc
                         continue

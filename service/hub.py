@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from service import codec, protocol
-from service.config import StreamConfig
+from service.config import PROCESSORS, StreamConfig
 from service.connection import Connection, OutFrame
 from service.metrics import Metrics, RateMeter
 
 log = logging.getLogger("dreamstream.hub")
+
+BUDGET_NOTICE_S = 5.0  # how often a broadcaster over its pixel budget is told so
 
 
 class HubFull(Exception):
@@ -33,6 +36,40 @@ class PendingFrame:
     ts: float  # the broadcaster's ts, or the receive time, in ms since the epoch
     received: float = field(default_factory=time.monotonic)
     number: int = 0  # the stream's frames_in count when it arrived: orders results that return out of order
+    pixels: int = 0  # width x height, from the header
+
+
+class TokenBucket:
+    """`rate` a second, holding up to `capacity`: the fps limit and the pixel budget of a stream."""
+
+    def __init__(self, rate: float, capacity: float) -> None:
+        self.rate, self.capacity = rate, capacity
+        self.tokens, self.at = capacity, time.monotonic()
+
+    def take(self, amount: float, now: float) -> bool:
+        if self.rate <= 0:
+            return True  # no limit
+        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < amount:
+            return False
+        self.tokens -= amount
+        return True
+
+
+class Usage:
+    """Pixels a stream has had processed lately (decaying with a 1 s time constant): who goes first in a batch."""
+
+    TAU_S = 1.0
+
+    def __init__(self) -> None:
+        self.value, self.at = 0.0, time.monotonic()
+
+    def now(self, now: float) -> float:
+        return self.value * math.exp(-(now - self.at) / self.TAU_S)
+
+    def add(self, amount: float, now: float) -> None:
+        self.value, self.at = self.now(now) + amount, now
 
 
 class Stream:
@@ -50,8 +87,10 @@ class Stream:
         self.frames_out = 0
         self.dropped = 0
         self.last_latency_ms: float | None = None
-        self.tokens = 0.0  # fps limit: a token bucket, refilled at max_fps, holding up to a short burst
-        self.tokens_at = 0.0
+        self.fps_bucket = TokenBucket(0.0, 0.0)  # set by the hub: max_fps, with a short burst
+        self.pixel_bucket = TokenBucket(0.0, 0.0)  # set by the hub: the stream's pixel budget a second
+        self.usage = Usage()
+        self.budget_told = 0.0  # when the broadcaster was last told it is over its pixel budget
         self.in_meter = RateMeter()
         self.out_meter = RateMeter()
         self.last_submit = 0.0  # monotonic time of the last frame in: the scheduler waits for streams about to send
@@ -114,8 +153,10 @@ class StreamHub:
         max_streams: int = 100,
         max_viewers: int = 1000,
         max_fps: float = 60.0,
+        max_pixels_per_s: float = 0.0,
     ) -> None:
         self.default_config = default_config
+        self.max_pixels_per_s = max_pixels_per_s  # one stream's budget (0: none)
         self.metrics = metrics
         self.max_streams = max_streams
         self.max_viewers = max_viewers
@@ -143,7 +184,8 @@ class StreamHub:
             raise HubFull(f"the server already has {self.max_streams} streams waiting for a broadcaster")
         if stream is None:
             stream = self.streams[stream_id] = Stream(stream_id, self.default_config)
-            stream.tokens, stream.tokens_at = self.burst, time.monotonic()
+            stream.fps_bucket = TokenBucket(self.max_fps, self.burst)
+            stream.pixel_bucket = TokenBucket(self.max_pixels_per_s, self.max_pixels_per_s)
             self.metrics.streams.set(len(self.streams))
         return stream
 
@@ -214,23 +256,29 @@ class StreamHub:
 
     # ---- frames ----------------------------------------------------------------------------
 
-    def submit(self, stream: Stream, data: bytes, ts: float | None) -> bool:
-        """Make `data` the stream's newest frame. False when over the fps limit (dropped, counted)."""
+    def submit(self, stream: Stream, data: bytes, ts: float | None, pixels: int = 0) -> bool:
+        """Make `data` the stream's newest frame. False when over the fps limit or the stream's pixel budget a
+        second (dropped, counted; a broadcaster over its budget is told why, every few seconds)."""
         now = time.monotonic()
         stream.frames_in += 1
         stream.last_submit = now
         stream.in_meter.tick(now)
         self.metrics.frames_in.labels(stream.id).inc()
-        if self.max_fps > 0:
-            stream.tokens = min(self.burst, stream.tokens + (now - stream.tokens_at) * self.max_fps)
-            stream.tokens_at = now
-            if stream.tokens < 1.0:
-                self._drop(stream, "rate_limited")
-                return False
-            stream.tokens -= 1.0
+        if not stream.fps_bucket.take(1.0, now):
+            self._drop(stream, "rate_limited")
+            return False
+        if not stream.pixel_bucket.take(pixels, now):
+            self._drop(stream, "over_budget")
+            if now - stream.budget_told > BUDGET_NOTICE_S:
+                stream.budget_told = now
+                self.tell_broadcaster(stream, protocol.error("too_large", (
+                    f"this stream is over its budget of {self.max_pixels_per_s / 1e6:.0f} megapixels a second "
+                    f"(DREAMSTREAM_MAX_STREAM_PIXELS_PER_S): frames are being dropped; send smaller frames or fewer")))
+            return False
         if stream.pending is not None:
             self._drop(stream, "superseded")
-        stream.pending = PendingFrame(data, ts if ts is not None else protocol.now_ms(), now, stream.frames_in)
+        stream.pending = PendingFrame(data, ts if ts is not None else protocol.now_ms(), now, stream.frames_in,
+                                      pixels)
         self._ready[stream.id] = None
         self._has_work.set()
         self._submitted.set()
@@ -270,25 +318,33 @@ class StreamHub:
                 and batch_key(s.config) == key}
 
     def take_batch(self, max_frames: int) -> list[Job]:
-        """The newest frame of up to `max_frames` streams that run alike (`batch_key`: same processor, step
-        count and ControlNet setting, so no batch swaps UNet weights), longest-waiting stream first; the
-        others stay ready for the next batch, in their order."""
+        """The newest frame of up to `max_frames` streams that run alike (`batch_key`: same processor, step count
+        and ControlNet setting, so no batch swaps UNet weights); the others stay ready for the next batch.
+
+        Fair across streams: the stream that has had the fewest pixels processed lately goes first, so a stream of
+        small frames is not made to wait behind streams of big ones. A processor that gains nothing from batching
+        (the CPU filter) takes one frame at a time, so nobody waits for a whole batch of someone else's frames.
+        """
+        now = time.monotonic()
+        for stream_id in [sid for sid in self._ready if (s := self.streams.get(sid)) is None or s.pending is None]:
+            del self._ready[stream_id]
+        order = sorted(self._ready, key=lambda sid: self.streams[sid].usage.now(now))
         jobs: list[Job] = []
         key = None
-        for stream_id in list(self._ready):
-            if len(jobs) >= max_frames:
-                break
-            stream = self.streams.get(stream_id)
-            if stream is None or stream.pending is None:
-                del self._ready[stream_id]
-                continue
+        for stream_id in order:
+            stream = self.streams[stream_id]
             if key is None:
                 key = batch_key(stream.config)
+                kind = PROCESSORS.get(key[0])
+                max_frames = max_frames if kind is None or kind.batches else 1
             elif batch_key(stream.config) != key:
                 continue
             del self._ready[stream_id]
             jobs.append(Job(stream, stream.pending, stream.config, stream.config_version))
+            stream.usage.add(stream.pending.pixels, now)
             stream.pending = None
+            if len(jobs) >= max_frames:
+                break
         if not self._ready:
             self._has_work.clear()
         return jobs

@@ -42,6 +42,7 @@ class DreamStream:
             max_streams=settings.max_streams,
             max_viewers=settings.max_viewers_per_stream,
             max_fps=settings.max_fps,
+            max_pixels_per_s=settings.max_stream_pixels_per_s,
         )
         if backend is None:
             engine = Engine(
@@ -50,6 +51,8 @@ class DreamStream:
                 settings.max_frame_bytes,
                 settings.max_frame_side,
                 settings.jpeg_quality,
+                max_frame_pixels=settings.max_frame_pixels,
+                max_process_side=settings.max_process_side,
             )
             backend = LocalBackend(engine, processor, reason, settings.processing_timeout_s)
         self.backend = backend

@@ -261,7 +261,9 @@ async def closed_loop(base: str, stream_id: str, frame: bytes, until_t: float) -
 
 
 def test_a_real_server_batches_closed_loop_streams(tmp_path):
-    with running_server(tmp_path, processor="filter", env={"DREAMSTREAM_MAX_FPS": "0"}) as server:
+    # identity with a 10 ms sleep a frame stands in for a model that batches (the filter styles one frame at a time)
+    env = {"DREAMSTREAM_MAX_FPS": "0", "DREAMSTREAM_TEST_FAULTS": "1"}
+    with running_server(tmp_path, processor="identity", env=env, args=["--prompt", "fault:sleep=0.01"]) as server:
 
         async def main():
             frame = gradient_jpeg((256, 256))

@@ -30,7 +30,9 @@ def identity_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def filter_server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("filter"), processor="filter", env={"DREAMSTREAM_MAX_FPS": "0"}) as srv:
+    # no fps limit and no pixel budget: these tests send unpaced bursts on purpose (newest frame wins)
+    env = {"DREAMSTREAM_MAX_FPS": "0", "DREAMSTREAM_MAX_STREAM_PIXELS_PER_S": "0"}
+    with running_server(tmp_path_factory.mktemp("filter"), processor="filter", env=env) as srv:
         yield srv
 
 
