@@ -278,12 +278,12 @@ def test_a_processor_switch_shows_loading_and_a_refused_one_is_one_sticky_error(
         page.route("**/healthz", fake_health)
         wait_for_frames(page, "#preview", at_least=3, timeout_ms=20_000)
         page.wait_for_function(
-            "() => document.querySelector('#processor').textContent.includes('loading 42 %')", timeout=10_000
+            "() => document.querySelector('#processor').textContent.includes('loading… 42 %')", timeout=10_000
         )
         options = processor_options(page)
         assert set(options) == {"filter", "standard", "lightning"}
         assert options["standard"]["disabled"] and "needs a CUDA GPU" in options["standard"]["text"]
-        assert not options["lightning"]["disabled"] and "loading 42 %" in options["lightning"]["text"]
+        assert not options["lightning"]["disabled"] and "loading… 42 %" in options["lightning"]["text"]
         assert page.text_content("#stream-processor") == "filter"
 
         # the stream's own processor loading: the header and the preview say how far
@@ -380,3 +380,52 @@ def test_right_key_but_no_viewer_token_says_so_instead_of_connecting_forever(tmp
         finally:
             viewer.stop.set()
             viewer.join(5)
+
+
+def test_a_switch_that_fails_to_load_says_why_once_and_the_stream_goes_on(tmp_path, browser):
+    """`standard` offered on this CPU box without its weights: the server loads it before switching, the
+    load fails, and the stream must go on with `filter` while the page says why, once."""
+    env = {"DREAMSTREAM_PROCESSORS": "filter,standard", "HF_HUB_OFFLINE": "1"}
+    with (
+        running_server(tmp_path, processor="filter", env=env) as srv,
+        open_page(browser, f"{srv.http}/?stream=fails&autostart=1", STUDIO_VIEWPORT) as page,
+    ):
+        wait_for_frames(page, "#preview", at_least=3, timeout_ms=20_000)
+        page.select_option("#processor", "standard")
+        page.wait_for_function(
+            "() => document.querySelector('#preview-badge').textContent.includes('loading standard…')"
+        )
+        assert "the stream goes on with filter until then" in page.text_content("#preview-badge")
+        assert page.input_value("#processor") == "standard"
+        assert page.locator("#seed").is_visible()  # the controls of the processor being switched to
+        assert stream_summary(srv, "fails")["config"]["processor_type"] == "filter"
+        before = frames_drawn(page, "#preview")
+        wait_for_frames(page, "#preview", at_least=before + 5)  # the stream goes on while it loads
+
+        page.wait_for_function(
+            "() => document.querySelector('#alerts').textContent.includes('could not switch to standard')",
+            timeout=90_000,
+        )
+        alert = page.locator("#alerts .alert")
+        assert alert.count() == 1 and "goes on with filter" in alert.inner_text()
+        assert in_view(page, "#alerts .alert")
+        assert page.input_value("#processor") == "filter"
+        assert page.locator("#preview-badge").is_hidden(), page.text_content("#preview-badge")
+        assert page.locator("#seed").is_hidden()
+        assert stream_summary(srv, "fails")["config"]["processor_type"] == "filter"
+        before = frames_drawn(page, "#preview")
+        wait_for_frames(page, "#preview", at_least=before + 5)
+
+        # the dock, which hears no errors, finds out from /healthz
+        with open_page(browser, f"{srv.http}/dock/fails", {"width": 350, "height": 700}) as dock:
+            wait_for_frames(dock, "#preview", at_least=3)
+            dock.select_option("#processor", "standard")
+            dock.wait_for_function(
+                "() => document.querySelector('#preview-badge').textContent.includes('loading standard')"
+            )
+            dock.wait_for_function(
+                "() => document.querySelector('#alerts').textContent.includes('Could not switch to standard')",
+                timeout=90_000,
+            )
+            assert dock.input_value("#processor") == "filter"
+            assert "goes on with filter" in dock.inner_text("#alerts")

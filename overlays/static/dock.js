@@ -43,7 +43,10 @@ async function sendConfig(changes) {
   }
   if (response.ok) {
     alerts.clear("send");
-    style.accepted(body.config);
+    // a processor not loaded yet: the server loads it first and keeps the stream's processor until then
+    const asked = changes.processor_type;
+    const loading = body.loading || (asked && asked !== body.config.processor_type ? asked : null);
+    style.accepted(body.config, loading);
     show(body.config);
     say("info", `style: "${body.config.prompt}", strength ${body.config.strength}, ${body.config.processor_type}`);
     health.poll();
@@ -82,7 +85,7 @@ function show(config) {
 }
 
 function renderProcessorState() {
-  const note = processorText(streamConfig.processor_type, health.states);
+  const note = style.switchText() || processorText(streamConfig.processor_type, health.states);
   setText($("preview-badge"), note);
   $("preview-badge").hidden = !note;
 }
@@ -90,10 +93,27 @@ function renderProcessorState() {
 const health = new HealthPoller(
   () => {
     style.setStates(health.states);
+    checkSwitch();
     renderProcessorState();
   },
   { states: cfg.processor_states },
 );
+
+// The dock hears no `error` messages (those go to the broadcaster): a switch whose processor stopped
+// loading, twice in a row, without the stream switching has failed; /healthz says why.
+let idlePolls = 0;
+function checkSwitch() {
+  const pending = style.pending;
+  const s = pending && health.states && health.states[pending.type];
+  const stopped = s && (s.state === "unavailable" || (s.state !== "loading" && performance.now() - pending.since > 3000));
+  idlePolls = stopped ? idlePolls + 1 : 0;
+  if (!stopped || (s.state !== "unavailable" && idlePolls < 2)) return;
+  idlePolls = 0;
+  style.dropSwitch();
+  const why = s.reason ? `: ${s.reason}` : "";
+  say("error", `could not switch to ${pending.type}${why}`);
+  alerts.show("send", "error", `Could not switch to ${pending.type}${why}. The stream goes on with ${streamConfig.processor_type}.`);
+}
 
 const view = new LiveView(
   $("preview"),

@@ -2,14 +2,16 @@
 // "loading" | "unavailable", "progress": 0..1, "reason": ...}}}. A server without that block (older
 // servers) offers every processor as before.
 
+/** " 42 %", or "" while the server cannot tell (a progress of 0: the load has not said how far it is). */
+function percent(s) {
+  return typeof s.progress === "number" && s.progress > 0 ? ` ${Math.round(s.progress * 100)} %` : "";
+}
+
 /** "loading lightning… 42 %", "lightning cannot run here: needs a CUDA GPU", or "" when ready / unknown. */
 export function processorText(type, states) {
   const s = states && states[type];
   if (!s) return "";
-  if (s.state === "loading") {
-    const pct = typeof s.progress === "number" ? ` ${Math.round(s.progress * 100)} %` : "";
-    return `loading ${type}…${pct}`;
-  }
+  if (s.state === "loading") return `loading ${type}…${percent(s)}`;
   if (s.state === "unavailable") return `${type} cannot run here${s.reason ? `: ${s.reason}` : ""}`;
   return "";
 }
@@ -23,7 +25,7 @@ export function fillProcessors(select, offered, states, current) {
   const rows = offered.map((type) => {
     const s = states && states[type];
     let label = type;
-    if (s && s.state === "loading") label = `${type} (loading${typeof s.progress === "number" ? ` ${Math.round(s.progress * 100)} %` : "…"})`;
+    if (s && s.state === "loading") label = `${type} (loading…${percent(s)})`;
     if (s && s.state === "unavailable") label = `${type} — ${s.reason || "cannot run here"}`;
     return { type, label, disabled: !!s && s.state === "unavailable" && type !== current, title: (s && s.reason) || "" };
   });

@@ -59,11 +59,12 @@ let stalledSince = 0; // frames go in but none come out (a processor loading on 
 
 function renderProcessorState() {
   const type = streamConfig.processor_type;
-  let note = processorText(type, health.states);
+  let note = style.switchText() || processorText(type, health.states);
+  let short = style.pending ? `→ ${processorText(style.pending.type, health.states) || `loading ${style.pending.type}…`}` : note;
   const stalledS = stalledSince ? (performance.now() - stalledSince) / 1000 : 0;
-  if (!note && stalledS > 3) note = `no styled frames for ${Math.round(stalledS)} s: ${type} may still be loading`;
+  if (!note && stalledS > 3) short = note = `no styled frames for ${Math.round(stalledS)} s: ${type} may still be loading`;
   setText($("stream-processor"), type);
-  setText($("stream-processor-state"), note ? `· ${note}` : "");
+  setText($("stream-processor-state"), short ? `· ${short}` : "");
   setText(ui.previewBadge, note);
   ui.previewBadge.hidden = !note;
 }
@@ -163,11 +164,11 @@ function onServerMessage(data) {
       style.flush(); // changes made while connecting
       break;
     case "config":
-      style.accepted(msg.config);
+      style.accepted(msg.config, msg.loading);
       showStreamConfig(msg.config);
       alerts.clear("config");
       alerts.clear("processing");
-      say("info", `style: "${msg.config.prompt}", strength ${msg.config.strength}, ${msg.config.num_steps} steps, ${msg.config.processor_type}`);
+      say("info", `style: "${msg.config.prompt}", strength ${msg.config.strength}, ${msg.config.num_steps} steps, ${msg.config.processor_type}${msg.loading ? ` (loading ${msg.loading} first)` : ""}`);
       health.poll(); // a switch may start loading a processor: show its progress soon
       break;
     case "stats":
@@ -180,7 +181,9 @@ function onServerMessage(data) {
       say("error", `${msg.code}: ${msg.message}`);
       if (msg.code === "bad_config") {
         style.refused(); // show what the stream really uses
-        alerts.show("config", "error", `Not changed: ${msg.message}. The stream goes on as before, with ${streamConfig.processor_type}.`);
+        renderProcessorState();
+        const goesOn = /goes on/.test(msg.message) ? "" : ` The stream goes on as before, with ${streamConfig.processor_type}.`;
+        alerts.show("config", "error", `Not changed: ${msg.message}.${goesOn}`);
       } else if (msg.code === "processing_failed") {
         alerts.show("processing", "error", `The ${streamConfig.processor_type} processor failed: ${msg.message}`);
       }

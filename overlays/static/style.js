@@ -28,6 +28,10 @@ export class StyleControls {
     this.states = null; // /healthz processors, when the server has them
     this.config = { ...config }; // what the stream uses, as the server last said
     this.dirty = new Set(); // controls changed since then
+    // A switch to a processor the server is still loading: the stream keeps its processor until then, and
+    // the server applies the switch's changes when the load is done (or says why it failed).
+    this.pending = null; // {type, since, changes}
+    this._sent = null; // the changes last sent
     this.ui = {
       prompt: $("prompt"),
       promptError: $("prompt-error"),
@@ -70,6 +74,7 @@ export class StyleControls {
   adopt(config) {
     if (!config) return;
     this.config = { ...config };
+    if (this.pending && config.processor_type === this.pending.type) this.pending = null; // switched
     const { ui } = this;
     if (!this.dirty.has("prompt") && document.activeElement !== ui.prompt) {
       ui.prompt.value = config.prompt;
@@ -93,31 +98,57 @@ export class StyleControls {
   }
 
   renderProcessors() {
-    const type = this.dirty.has("processor_type") ? this.ui.processor.value : this.config.processor_type;
+    const chosen = this.pending ? this.pending.type : this.config.processor_type;
+    const type = this.dirty.has("processor_type") ? this.ui.processor.value : chosen;
     fillProcessors(this.ui.processor, this.offered, this.states, type);
-    if (this.ui.processorNote) this.ui.processorNote.textContent = processorText(type, this.states);
+    if (this.ui.processorNote) this.ui.processorNote.textContent = this.switchText() || processorText(type, this.states);
     const uses = USES[type] || DIFFUSION;
     for (const el of document.querySelectorAll("[data-for]")) el.hidden = !uses.includes(el.dataset.for);
   }
 
-  /** The server took a change: show its config. */
-  accepted(config) {
+  /** The server took a change: show its config. `loading`: the processor it is loading before it switches. */
+  accepted(config, loading = null) {
     this.dirty.clear();
+    const waiting = loading && loading !== config.processor_type;
+    this.pending = waiting ? { type: loading, since: performance.now(), changes: this._sent || {} } : null;
+    this._sent = null;
     this.adopt(config);
   }
 
-  /** The server refused a change: show what the stream really uses. */
+  /** The server refused a change (or a switch failed): show what the stream really uses. */
   refused() {
     this.dirty.clear();
+    this.pending = null;
     this.adopt(this.config);
+  }
+
+  /** "loading lightning… 42 % (the stream goes on with filter until then)", or "" when no switch is waiting. */
+  switchText() {
+    if (!this.pending) return "";
+    const { type } = this.pending;
+    const progress = processorText(type, this.states);
+    const loading = progress.startsWith("loading") ? progress : `loading ${type}…`;
+    return `${loading} (the stream goes on with ${this.config.processor_type} until then)`;
+  }
+
+  /** A switch the server gave up on without telling us (the dock hears no errors): forget it. */
+  dropSwitch() {
+    this.pending = null;
+    this.renderProcessors();
   }
 
   /** Send what changed, now. */
   flush() {
     clearTimeout(this._timer);
     if (!this.dirty.size) return;
-    const changes = {};
+    let changes = {};
     for (const name of this.dirty) changes[name] = this.value(name);
+    if (this.pending) {
+      // the server applies a switch's changes when the processor is loaded, and a change without the
+      // processor would cancel it: send the switch again with everything changed since
+      changes = { ...this.pending.changes, processor_type: this.pending.type, ...changes };
+    }
+    this._sent = { ...changes };
     for (const name of ["num_steps", "seed"]) {
       if (name in changes && !(Number.isInteger(changes[name]) && changes[name] >= 0)) {
         this.say("error", `${name === "seed" ? "the seed" : "steps"} must be a whole number`);
