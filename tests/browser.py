@@ -111,6 +111,26 @@ def open_page(
         context.close()
 
 
+@contextlib.contextmanager
+def healthz_processors(page, processors: dict[str, dict]) -> Iterator[dict[str, dict]]:
+    """The page's /healthz answers with `processors` (SPEC §7's block) in place of the server's own; the rest
+    is the server's. Change the dict to change what the page is told next."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    def handle(route) -> None:
+        try:
+            health = json.loads(route.fetch().text())
+            route.fulfill(json={**health, "processors": processors})
+        except PlaywrightError:
+            pass  # the page went away during the request
+
+    page.route("**/healthz", handle)
+    try:
+        yield processors
+    finally:
+        page.unroute_all(behavior="ignoreErrors")
+
+
 def wait_for_frames(page, selector: str = "#frame", at_least: int = 1, timeout_ms: int = 15_000) -> int:
     """Wait until the page has drawn `at_least` frames into the canvas (its data-frames counter)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout

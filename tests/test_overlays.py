@@ -6,7 +6,6 @@ the page untouched and a screenshot (transparent background kept) shows exactly 
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +18,7 @@ from tests.browser import (
     FramePusher,
     browser_fixture,  # noqa: F401  (the `browser` fixture)
     frames_drawn,
+    healthz_processors,
     open_page,
     screenshot_rgba,
     wait_for_frames,
@@ -125,20 +125,14 @@ def test_debug_hud_shows_state_fps_and_latency(browser, server):
 
 
 def test_debug_hud_shows_the_streams_processor_and_its_loading_progress(browser, server):
-    state = {"identity": {"state": "ready", "progress": 1.0}}
-
-    def fake_health(route):
-        health = json.loads(route.fetch().text())
-        route.fulfill(json={**health, "processors": state})
-
     with (
         FramePusher(server.ws, "hud-proc", solid_jpeg(RED, (320, 240)), fps=10),
         open_page(browser, "about:blank") as page,
+        healthz_processors(page, {"identity": {"state": "ready", "progress": 1.0}}) as processors,
     ):
-        page.route("**/healthz", fake_health)
         page.goto(f"{server.http}/overlay/hud-proc?debug=1")
         page.wait_for_function("() => document.querySelector('[data-hud=processor]').textContent === 'identity'")
-        state["identity"] = {"state": "loading", "progress": 0.5, "reason": "compiling"}
+        processors["identity"] = {"state": "loading", "progress": 0.5, "reason": "compiling"}
         page.wait_for_function(
             "() => document.querySelector('[data-hud=processor]').textContent === 'loading identity… 50 %'",
             timeout=10_000,

@@ -21,6 +21,7 @@ from PIL import Image
 from tests.browser import (
     ViewerThread,
     frames_drawn,
+    healthz_processors,
     open_page,
     screenshot_rgba,
     stream_summary,
@@ -268,14 +269,10 @@ def test_processors_this_server_cannot_run_are_greyed_out_with_the_reason(browse
 
 def test_a_processor_switch_shows_loading_and_a_refused_one_is_one_sticky_error(browser, server):
     """/healthz's processors block as SPEC §7 writes it, served to the page as a GPU box mid-download would."""
-    processors = dict(HEALTH_PROCESSORS)
-    with open_page(browser, f"{server.http}/?stream=procs&autostart=1", STUDIO_VIEWPORT) as page:
-
-        def fake_health(route):
-            health = json.loads(route.fetch().text())
-            route.fulfill(json={**health, "processors": processors})
-
-        page.route("**/healthz", fake_health)
+    with (
+        open_page(browser, f"{server.http}/?stream=procs&autostart=1", STUDIO_VIEWPORT) as page,
+        healthz_processors(page, dict(HEALTH_PROCESSORS)) as processors,
+    ):
         wait_for_frames(page, "#preview", at_least=3, timeout_ms=20_000)
         page.wait_for_function(
             "() => document.querySelector('#processor').textContent.includes('loading… 42 %')", timeout=10_000
