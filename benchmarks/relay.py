@@ -151,7 +151,8 @@ def start_server(kind: str, port: int) -> subprocess.Popen:
                "--log-level", "warning"]
     else:
         cmd = [sys.executable, __file__, "--bare-server", str(port)]
-    env = {**os.environ, "DREAMSTREAM_MAX_VIEWERS": "100000"}  # the default (1000) would refuse big crowds
+    env = {**os.environ, "DREAMSTREAM_MAX_VIEWERS": "100000",  # the default (1000) would refuse big crowds
+           "DREAMSTREAM_MAX_CONNECTIONS_PER_ADDRESS": "0"}  # and every viewer here comes from 127.0.0.1
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

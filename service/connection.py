@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -55,9 +56,11 @@ class OutFrame:
 
 class Connection:
     def __init__(
-        self, ws: Socket, source: str = "styled", binary: bool = False, send_timeout: float | None = None
+        self, ws: Socket, source: str = "styled", binary: bool = False, send_timeout: float | None = None,
+        abort: Callable[[], None] | None = None,
     ) -> None:
         self.ws = ws
+        self.abort = abort  # drops the connection at once (the host's, when it offers one); see expire_if_stuck
         self.source = source
         self.binary = binary
         self.send_timeout = send_timeout
@@ -113,7 +116,8 @@ class Connection:
         except asyncio.CancelledError:
             if self.state is not ConnectionState.EXPIRED:
                 raise
-            log.info("dropping a viewer that accepted nothing for %.0f s", self.send_timeout)
+            log.info("dropping a viewer that accepted nothing for %.0f s%s", self.send_timeout,
+                     "" if self.abort else " (its connection stays open until the client leaves: no abort here)")
         finally:
             self.finished.set()
 
@@ -126,10 +130,12 @@ class Connection:
         self.sending_since = None
 
     def expire_if_stuck(self, now: float) -> None:
-        """Stop the pump (and so drop the socket) when one send has waited past `send_timeout`.
+        """Stop the pump, free the seat and abort the connection when one send has waited past `send_timeout`.
 
         For clients that stop reading but keep the connection: their TCP window stays shut, so neither an error
-        nor uvicorn's keepalive ping gets through, and they would hold a viewer seat forever. Checked from the
+        nor uvicorn's keepalive ping gets through, and they would hold a viewer seat forever. A close would wait
+        behind the unsent bytes too (asyncio's close() flushes first), so the connection is aborted: its file
+        descriptor and buffers go at once (`abort`, from service/server.py's protocol). Checked from the
         stream's once-a-second tick rather than with a timer per send, which cost a tenth of the fan-out's CPU
         (benchmarks/relay.py).
         """
@@ -138,6 +144,8 @@ class Connection:
         if now - self.sending_since > self.send_timeout and not self.closed:
             self.state = ConnectionState.EXPIRED
             self._pump_task.cancel()
+            if self.abort is not None:
+                self.abort()
 
     def close(self) -> None:
         if not self.closed:

@@ -240,7 +240,7 @@ class StreamHub:
         """Apply a config change (ValueError if invalid). Frames styled under the old config are never shown."""
         stream.config = stream.config.updated(changes)
         stream.config_version += 1
-        log.info("stream %s: config %s", stream.id, {k: stream.config.to_dict()[k] for k in changes})
+        log.info("stream %s: config %.300s", stream.id, {k: stream.config.to_dict()[k] for k in changes})  # capped
         self._tell_viewers(stream, stream.status_message())
         return stream.config
 

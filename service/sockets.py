@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+import math
+import time
+from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -13,6 +15,7 @@ from service.config import valid_stream_id
 from service.connection import Connection
 from service.errors import ClientError
 from service.hub import HubFull, Stream
+from service.server import ABORT_EXTENSION
 
 if TYPE_CHECKING:
     from service.state import DreamStream
@@ -21,6 +24,77 @@ log = logging.getLogger("dreamstream.sockets")
 
 POLICY_VIOLATION = 1008
 GOING_AWAY = 1001
+CONTROL_RATE = 50.0  # control messages (config, ping) answered a second per socket...
+CONTROL_BURST = 100.0  # ...with bursts of this many; past that they are dropped
+NOTICE_S = 5.0  # a socket over the control limit hears so at most this often
+
+
+class Pace:
+    """A token bucket for one socket: `rate` a second, holding up to `burst` (rate <= 0: no limit)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.at = burst, time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+
+    def take(self) -> bool:
+        """One token if there is one (True), else False."""
+        if self.rate <= 0:
+            return True
+        self._refill()
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    async def wait(self) -> None:
+        """Take one token, waiting for it if need be. Used before reading a message: a socket sending faster
+        than this is simply not read, so TCP holds its flood back and it costs the server nothing."""
+        if self.rate <= 0:
+            return
+        self._refill()
+        if self.tokens < 1:
+            await asyncio.sleep((1 - self.tokens) / self.rate)
+            self._refill()
+        self.tokens -= 1
+
+
+def read_pace(settings: Any) -> Pace:
+    """How fast a broadcaster's messages are read: twice DREAMSTREAM_MAX_FPS (frames over the rate are read and
+    dropped, counted, up to that) plus the control messages; unpaced when the fps limit is off."""
+    if settings.max_fps <= 0:
+        return Pace(0, 0)
+    return Pace(2 * settings.max_fps + CONTROL_RATE, max(2 * settings.max_fps, 8) + CONTROL_BURST)
+
+
+class ControlLimit:
+    """Control messages (config, ping) per socket: CONTROL_RATE a second; past it they are dropped, and the
+    client is told with one `bad_message` every NOTICE_S seconds, not one per message."""
+
+    def __init__(self) -> None:
+        self.pace = Pace(CONTROL_RATE, CONTROL_BURST)
+        self.dropped = 0
+        self.told = -math.inf
+
+    def allow(self) -> bool:
+        if self.pace.take():
+            return True
+        self.dropped += 1
+        return False
+
+    def notice(self) -> dict[str, Any] | None:
+        """The error to send now about the messages dropped, or None (nothing dropped, or told lately)."""
+        now = time.monotonic()
+        if not self.dropped or now - self.told < NOTICE_S:
+            return None
+        self.told = now
+        dropped, self.dropped = self.dropped, 0
+        return protocol.error("bad_message", f"too many control messages: {dropped} dropped; at most "
+                                             f"{CONTROL_RATE:g} a second (bursts of {CONTROL_BURST:g})")
 
 
 async def refuse(ws: WebSocket, reason: str, code: int = POLICY_VIOLATION) -> None:
@@ -93,7 +167,9 @@ async def _send_stats(stream: Stream, conn: Connection) -> None:
 
 async def _receive_broadcasts(ds: DreamStream, stream: Stream, ws: WebSocket) -> None:
     limits = ds.settings
+    pace, control = read_pace(limits), ControlLimit()
     while True:
+        await pace.wait()
         message = await ws.receive()
         if message["type"] == "websocket.disconnect":
             return
@@ -109,6 +185,9 @@ async def _receive_broadcasts(ds: DreamStream, stream: Stream, ws: WebSocket) ->
             parsed = protocol.parse_text(text, limits.max_frame_bytes)
             if isinstance(parsed, protocol.FrameMessage):
                 await accept_frame(ds, stream, parsed.data, parsed.ts)
+            elif not control.allow():
+                if (notice := control.notice()) is not None:
+                    ds.hub.tell_broadcaster(stream, notice)
             elif isinstance(parsed, protocol.ConfigMessage):
                 config = ds.change_config(stream, parsed.changes)
                 reply = protocol.config_reply(config.to_dict())
@@ -123,9 +202,10 @@ async def _receive_broadcasts(ds: DreamStream, stream: Stream, ws: WebSocket) ->
 
 async def accept_frame(ds: DreamStream, stream: Stream, data: bytes, ts: float | None) -> None:
     """Check the frame's header against the limits, make it the newest, and show it to `source=original` viewers."""
-    info = codec.probe(data, ds.settings.max_frame_bytes, ds.settings.max_frame_side)
+    limits = ds.settings
+    info = codec.probe(data, limits.max_frame_bytes, limits.max_frame_side, limits.max_frame_pixels)
     ts = ts if ts is not None else protocol.now_ms()
-    if ds.hub.submit(stream, data, ts):
+    if ds.hub.submit(stream, data, ts, info.width * info.height):
         await ds.hub.show_original(stream, data, info, ts)
 
 
@@ -143,7 +223,8 @@ async def viewer_socket(ws: WebSocket, stream_id: str) -> None:
         return await refuse(ws, "source must be styled or original; format must be json or binary")
     try:
         stream = ds.hub.open(stream_id)
-        conn = Connection(ws, source=source, binary=fmt == "binary", send_timeout=ds.settings.send_timeout_s)
+        conn = Connection(ws, source=source, binary=fmt == "binary", send_timeout=ds.settings.send_timeout_s,
+                          abort=_abort_of(ws))
         ds.hub.add_viewer(stream, conn)
     except HubFull as exc:
         return await refuse(ws, str(exc))
@@ -154,10 +235,18 @@ async def viewer_socket(ws: WebSocket, stream_id: str) -> None:
         ds.hub.remove_viewer(stream, conn)
 
 
+def _abort_of(ws: WebSocket) -> Any:
+    """The host's way to drop this connection at once (service/server.py's protocol offers one), or None."""
+    return (ws.scope.get("extensions") or {}).get(ABORT_EXTENSION, {}).get("abort")
+
+
 async def _drain(ds: DreamStream, conn: Connection) -> None:
-    """Viewers have nothing to say; read until they leave (and answer pings)."""
+    """Viewers have nothing to say; read until they leave (and answer pings), at most CONTROL_RATE messages a
+    second: the rest wait in TCP."""
+    pace = Pace(CONTROL_RATE, CONTROL_BURST)
     try:
         while True:
+            await pace.wait()
             message = await conn.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return

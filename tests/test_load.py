@@ -24,7 +24,8 @@ MEASURE_S = 40.0
 
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("relay"), processor="identity") as srv:
+    env = {"DREAMSTREAM_MAX_CONNECTIONS_PER_ADDRESS": "0"}  # the crowd comes from one address: 127.0.0.1
+    with running_server(tmp_path_factory.mktemp("relay"), processor="identity", env=env) as srv:
         yield srv
 
 
