@@ -146,12 +146,12 @@ class OneShotLane:
     One one-shot at a time, and only when the live streams have no frame waiting and no batch in flight (the
     scheduler is idle). The worker cannot be interrupted, so a one-shot that starts just before a live frame
     arrives delays that frame by its own time: while any stream is live, the lane therefore rests after each
-    one-shot, keeping its share of the worker to `SHARE` (5 %: a live stream loses at most a frame or two a
+    one-shot, keeping its share of the worker to `SHARE` (3 %: a live stream loses at most a frame or two a
     second), and the pixel cap (DREAMSTREAM_MAX_PROCESS_PIXELS) bounds each one-shot's time. With no stream
     live, one-shots run back to back. A request that cannot get a turn within `WAIT_S` gets 503.
     """
 
-    SHARE = 0.05
+    SHARE = 0.03
     POLL_S = 0.002  # how often a waiting one-shot looks for a gap between live rounds
     LIVE_WINDOW_S = 1.0  # a stream that sent a frame this recently is live
     WAIT_S = 30.0
