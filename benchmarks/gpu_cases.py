@@ -170,7 +170,7 @@ def load_resource(run: Run, key: str) -> Any:
     if run.args.tiny:
         options.update(width=run.args.size, height=run.args.size)
     engine = Engine(StreamConfig(prompt=PROMPT, processor_type=spec.processor, use_controlnet=spec.controlnet),
-                    processor_options=options)
+                    processor_options={spec.processor: options})
     proc = engine.processor(spec.processor)  # loads, then warmup(): captures every batch size
     proc.wait_optimised()  # compile=full compiles in the background: time the finished article
     return LoadedEngine(engine, proc, getattr(proc, "warmup_seconds", None))

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from service import server
-from service.config import PROCESSOR_TYPES, Settings
+from service.config import PROCESSOR_TYPES, PROCESSORS, Settings
 from service.version import package_version
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -26,11 +26,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=float, default=None, help="default img2img strength, in (0, 1]")
     parser.add_argument("--steps", type=int, default=None, help="default denoising steps")
     parser.add_argument("--no-controlnet", action="store_true", help="run without the depth ControlNet")
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="[TYPE.]NAME=VALUE",
+        help="a processor option, over its env var: e.g. --option compile=off or --option "
+             "lightning.base_model=/models/sdxl (without TYPE: every processor that takes it)",
+    )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(
+    settings = Settings.from_env(
         host=args.host,
         port=args.port,
         processor=args.processor,
@@ -39,6 +44,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         steps=args.steps,
         use_controlnet=False if args.no_controlnet else None,
     )
+    for text in args.option:
+        name, sep, value = text.partition("=")
+        kind, _, option = name.rpartition(".")
+        kinds = [kind] if kind else [k for k, spec in PROCESSORS.items() if option in spec.env_options]
+        known = all(k in PROCESSORS and option in PROCESSORS[k].env_options for k in kinds)
+        if not sep or not kinds or not known:
+            raise ValueError(f"--option {text!r}: expected [TYPE.]NAME=VALUE with a processor option, such as "
+                             "compile=off or lightning.base_model=PATH")
+        for k in kinds:
+            settings.processor_options.setdefault(k, {})[option] = value
+    return settings
 
 
 def serve(args: argparse.Namespace) -> int:

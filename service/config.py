@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,6 +32,31 @@ class ProcessorKind:
     diffusion: bool = False  # needs the diffusion extra (torch, diffusers) and model weights
     batches: bool = True  # gains from styling several streams' frames in one call (a GPU model does; the filter not)
     offered: bool = True  # offered to users (identity is for tests and benchmarks)
+    env_options: tuple[str, ...] = ()  # its options a server takes from DREAMSTREAM_* vars (`option_env_var`)
+
+
+# Model options (hub id or local path) of the diffusion processors, and how they run; their defaults live with the
+# loading code (service/processors/models.py, diffusion.py). The env var of each: `option_env_var`.
+_MODEL_OPTIONS = ("base_model", "controlnet_model", "depth_model", "tiny_vae", "vae_model")
+RUNTIME_OPTIONS = ("device", "dtype", "width", "height", "compile", "batch_sizes", "gpu_jpeg", "offline")
+_SHARED_OPTION_ENV = {"depth_model": "DREAMSTREAM_DEPTH_MODEL", "lightning_unet": "DREAMSTREAM_LIGHTNING_UNET",
+                      "test_faults": "DREAMSTREAM_TEST_FAULTS", "offline": "HF_HUB_OFFLINE"}
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"", "0", "false", "no", "off", "none"})
+
+
+def parse_flag(value: Any, name: str, default: bool = False) -> bool:
+    """An on/off option: True/False, or the words of an env var (1/0, true/false, yes/no, on/off); None: default."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise ValueError(f"{name} must be on or off (1/0, true/false), got {value!r}")
 
 
 PROCESSORS: dict[str, ProcessorKind] = {
@@ -39,11 +65,13 @@ PROCESSORS: dict[str, ProcessorKind] = {
         ProcessorKind("filter", "service.processors.filter:FilterProcessor", 2,
                       "a painterly CPU filter: no GPU, no weights", batches=False),
         ProcessorKind("standard", "service.processors.standard:StandardProcessor", 25,
-                      "Stable Diffusion 1.5 img2img + depth ControlNet: the quality mode", diffusion=True),
+                      "Stable Diffusion 1.5 img2img + depth ControlNet: the quality mode", diffusion=True,
+                      env_options=_MODEL_OPTIONS + RUNTIME_OPTIONS),
         ProcessorKind("lightning", "service.processors.lightning:LightningProcessor", 4,
-                      "SDXL-Lightning, 1-8 steps: the live mode", steps=(1, 2, 4, 8), diffusion=True),
+                      "SDXL-Lightning, 1-8 steps: the live mode", steps=(1, 2, 4, 8), diffusion=True,
+                      env_options=_MODEL_OPTIONS + ("lightning_unet",) + RUNTIME_OPTIONS),
         ProcessorKind("identity", "service.processors.base:IdentityProcessor", 1,
-                      "frames unchanged (tests and relay benchmarks)", offered=False),
+                      "frames unchanged (tests and relay benchmarks)", offered=False, env_options=("test_faults",)),
     )
 }
 PROCESSOR_TYPES = tuple(PROCESSORS)
@@ -63,6 +91,29 @@ def check_steps(processor_type: str, num_steps: int) -> None:
     if allowed is not None and num_steps not in allowed:
         choices = ", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}"
         raise ValueError(f"num_steps must be {choices} for the {processor_type} processor, got {num_steps!r}")
+
+
+def option_env_var(processor_type: str, option: str) -> str:
+    """The env var of a processor option: DREAMSTREAM_<TYPE>_<OPTION> for a model (e.g.
+    DREAMSTREAM_LIGHTNING_BASE_MODEL), DREAMSTREAM_<OPTION> for how it runs and for models both processors share."""
+    if option in _SHARED_OPTION_ENV:
+        return _SHARED_OPTION_ENV[option]
+    if option in RUNTIME_OPTIONS:
+        return f"DREAMSTREAM_{option.upper()}"
+    return f"DREAMSTREAM_{processor_type.upper()}_{option.upper()}"
+
+
+def processor_options_from_env(env: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """Each processor type's options set in the environment (as text; the processor parses them), read here once.
+    The server (`Settings.from_env`), the Python API and Modal pass them down; processors never read the env."""
+    env = os.environ if env is None else env
+    options: dict[str, dict[str, str]] = {}
+    for name, kind in PROCESSORS.items():
+        found = {option: env[var].strip() for option in kind.env_options
+                 if (var := option_env_var(name, option)) in env and env[var].strip()}
+        if found:
+            options[name] = found
+    return options
 
 
 def _env_number(name: str, default: float, kind: type[int] | type[float]) -> Any:
@@ -198,7 +249,8 @@ class Settings:
     strength: float = 0.7
     steps: int | None = None  # None: the processor's default
     use_controlnet: bool = True
-    processor_options: dict[str, Any] = field(default_factory=dict)
+    # each processor type's options, e.g. {"lightning": {"base_model": "/models/sdxl", "compile": "full"}}
+    processor_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # the processor types streams may switch to (DREAMSTREAM_PROCESSORS); None: those this machine can run
     processors: tuple[str, ...] | None = None
     # auth
@@ -239,6 +291,7 @@ class Settings:
             allowed_origins=_env_list("DREAMSTREAM_ALLOWED_ORIGINS"),
             allowed_hosts=_env_list("DREAMSTREAM_ALLOWED_HOSTS"),
             processors=parse_processor_list(_env_list("DREAMSTREAM_PROCESSORS")),
+            processor_options=processor_options_from_env(env),
             max_frame_bytes=_env_number("DREAMSTREAM_MAX_FRAME_BYTES", 4 * 1024 * 1024, int),
             max_frame_side=_env_number("DREAMSTREAM_MAX_FRAME_SIDE", 4096, int),
             max_frame_pixels=_env_number("DREAMSTREAM_MAX_FRAME_PIXELS", 3840 * 2160, int),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import threading
 import weakref
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from service import codec
+from service.config import processor_options_from_env
 from service.engine import style_to_jpeg
 from service.processors import IdentityProcessor, Processor, create_processor
 from service.processors.base import FrameRequest
@@ -48,7 +48,10 @@ def get_diffusion_processor(
     num_steps: int | None = None,
     **options: Any,
 ) -> Processor:
-    """A new processor: `standard`, `lightning` or `filter`; `options` are the model options of SPEC 2."""
+    """A new processor: `standard`, `lightning` or `filter`; `options` are the model options of SPEC 2.
+
+    An option not given here comes from its DREAMSTREAM_* env var (read here, at the API's edge), then its default."""
+    options = {**processor_options_from_env().get(processor_type, {}), **options}
     try:
         return create_processor(processor_type, style_prompt=style_prompt, strength=strength,
                                 num_steps=num_steps, use_controlnet=use_controlnet, **options)
@@ -108,9 +111,10 @@ def clear_processor_cache() -> None:
 
 
 def _cached_processor(processor_type: str, options: dict[str, Any]) -> Processor:
-    # The env vars are part of the config: they choose the models as much as the options do.
-    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("DREAMSTREAM_")))
-    key = (processor_type, tuple(sorted((k, repr(v)) for k, v in options.items())), env)
+    # Keyed on the options the processor is built with, env vars included: they choose the models as much as
+    # the arguments do.
+    options = {**processor_options_from_env().get(processor_type, {}), **options}
+    key = (processor_type, tuple(sorted((k, repr(v)) for k, v in options.items())))
     with _cache_lock:
         if key not in _cache:
             _cache[key] = get_diffusion_processor(processor_type, **options)

@@ -17,13 +17,11 @@ from typing import Any
 import numpy as np
 
 from service import codec
-from service.config import StreamConfig
+from service.config import PROCESSORS, StreamConfig
 from service.processors import FrameRequest, Processor, create_processor
 
 log = logging.getLogger("dreamstream.engine")
 
-# processor options that only the diffusion processors take
-DIFFUSION_TYPES = ("standard", "lightning")
 LOAD_RETRY_S = 60.0
 
 
@@ -63,7 +61,7 @@ class Engine:
     def __init__(
         self,
         default_config: StreamConfig,
-        processor_options: dict[str, Any] | None = None,
+        processor_options: dict[str, dict[str, Any]] | None = None,
         max_frame_bytes: int = codec.DEFAULT_MAX_BYTES,
         max_frame_side: int = codec.DEFAULT_MAX_SIDE,
         jpeg_quality: int = 85,
@@ -71,7 +69,7 @@ class Engine:
         max_process_side: int | None = codec.DEFAULT_PROCESS_SIDE,
     ) -> None:
         self.default_config = default_config
-        self.processor_options = dict(processor_options or {})
+        self.processor_options = dict(processor_options or {})  # processor type -> its options
         self.max_frame_bytes = max_frame_bytes
         self.max_frame_side = max_frame_side
         self.max_frame_pixels = max_frame_pixels
@@ -89,8 +87,9 @@ class Engine:
             raise ProcessorLoadError(failed[1])
         cfg = self.default_config
         kwargs: dict[str, Any] = {"style_prompt": cfg.prompt, "strength": cfg.strength, "seed": cfg.seed}
-        if processor_type in DIFFUSION_TYPES:
-            kwargs.update(use_controlnet=cfg.use_controlnet, **self.processor_options)
+        if processor_type in PROCESSORS and PROCESSORS[processor_type].diffusion:
+            kwargs["use_controlnet"] = cfg.use_controlnet
+        kwargs.update(self.processor_options.get(processor_type, {}))
         started = time.monotonic()
         try:
             proc = create_processor(processor_type, **kwargs)

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from service import processors
+from service.config import processor_options_from_env
+from service.processors import Processor
 from tests.tiny_models import build_tiny_models, model_env
 
 MODEL_ENV_VARS = (
@@ -24,6 +28,13 @@ MODEL_ENV_VARS = (
     "DREAMSTREAM_STANDARD_VAE_MODEL", "DREAMSTREAM_LIGHTNING_VAE_MODEL",
     "DREAMSTREAM_DEVICE", "DREAMSTREAM_DTYPE", "DREAMSTREAM_WIDTH", "DREAMSTREAM_HEIGHT",
 )
+
+
+def create_processor(processor_type: str, **options: Any) -> Processor:
+    """A processor as a server started in this environment builds it: its DREAMSTREAM_* env vars read here, at the
+    edge (as `Settings.from_env` and the Python API do), under the options given. Processors never read the env."""
+    from_env = processor_options_from_env().get(processor_type, {})
+    return processors.create_processor(processor_type, **{**from_env, **options})
 
 
 @pytest.fixture(scope="session")

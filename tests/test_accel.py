@@ -13,36 +13,30 @@ import numpy as np
 import pytest
 import torch
 
-from service.processors import FrameRequest, create_processor
+from service.processors import FrameRequest
 from service.processors.accel import Accelerator, parse_batch_sizes, parse_mode
-from tests.fixtures_diffusion import textured_frame
+from tests.fixtures_diffusion import create_processor, textured_frame
 
 pytest_plugins = ["tests.fixtures_diffusion"]
 SIZE = {"width": 64, "height": 64}
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def test_mode_defaults_env_and_errors(monkeypatch):
-    monkeypatch.delenv("DREAMSTREAM_COMPILE", raising=False)
+def test_mode_defaults_and_errors():
     assert parse_mode(None, CPU)[0] == "off"
     assert parse_mode(None, CUDA)[0] == "full"  # served from CUDA graphs at once, compiled in the background
     assert parse_mode("on", CUDA)[0] == "regional" and parse_mode(True, CPU)[0] == "off"
     assert parse_mode("false", CUDA)[0] == "off" and parse_mode("graphs", CUDA)[0] == "graphs"
-    monkeypatch.setenv("DREAMSTREAM_COMPILE", "full")
-    assert parse_mode(None, CUDA) == ("full", "env DREAMSTREAM_COMPILE=full")
-    assert parse_mode("off", CUDA)[0] == "off"  # the option wins over the env var
+    assert parse_mode("eager", CUDA)[0] == "off" and parse_mode(" FULL ", CUDA) == ("full", "compile=full")
     with pytest.raises(ValueError, match="compile must be one of"):
         parse_mode("max-autotune", CUDA)
 
 
-def test_batch_sizes(monkeypatch):
-    monkeypatch.delenv("DREAMSTREAM_BATCH_SIZES", raising=False)
-    assert parse_batch_sizes(None) == (1, 2, 4, 8)
+def test_batch_sizes():
+    assert parse_batch_sizes(None) == (1, 2, 4, 8) and parse_batch_sizes("") == (1, 2, 4, 8)
     assert parse_batch_sizes("4, 1,2") == (1, 2, 4)
-    assert parse_batch_sizes([3]) == (3,)
-    monkeypatch.setenv("DREAMSTREAM_BATCH_SIZES", "1,16")
-    assert parse_batch_sizes(None) == (1, 16)
-    for bad in ("0,1", "a", "", [True]):
+    assert parse_batch_sizes([3]) == (3,) and parse_batch_sizes("1,16") == (1, 16)
+    for bad in ("0,1", "a", ",", [True]):
         with pytest.raises(ValueError, match="batch_sizes"):
             parse_batch_sizes(bad)
 
@@ -119,7 +113,7 @@ def test_full_mode_serves_at_once_and_swaps_in_compiled_calls_from_the_backgroun
 def test_inductor_cache_goes_to_our_folder_unless_the_user_chose_one(monkeypatch, tmp_path):
     from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
 
-    from service.processors.accel import inductor_cache_dir
+    from service.cache_dirs import inductor_cache_dir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)

@@ -18,12 +18,11 @@ def job(stream_id: str, prompt: str) -> FrameJob:
     return FrameJob(stream_id, GREY, StreamConfig(prompt=prompt, processor_type="identity", num_steps=1))
 
 
-def test_a_processor_stuck_past_the_timeout_is_never_entered_by_a_second_thread(monkeypatch):
+def test_a_processor_stuck_past_the_timeout_is_never_entered_by_a_second_thread():
     """`fault:sleep=2` holds the identity processor for 2 s against a 0.5 s timeout. With test faults on, the
     identity processor raises if a second thread enters it while one is inside: the frames sent meanwhile must be
     served (by a fresh instance), and once the stuck call returns everything still works."""
-    monkeypatch.setenv("DREAMSTREAM_TEST_FAULTS", "1")
-    engine = Engine(StreamConfig(processor_type="identity", num_steps=1))
+    engine = Engine(StreamConfig(processor_type="identity", num_steps=1), {"identity": {"test_faults": True}})
     backend = LocalBackend(engine, "identity", "test", timeout_s=0.5)
 
     async def main() -> None:

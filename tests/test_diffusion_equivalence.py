@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.processors import FrameRequest, create_processor
-from tests.fixtures_diffusion import textured_frame
+from service.processors import FrameRequest
+from tests.fixtures_diffusion import create_processor, textured_frame
 
 torch = pytest.importorskip("torch")
 

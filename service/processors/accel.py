@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import sys
 import threading
 import time
@@ -64,6 +63,9 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from service.cache_dirs import inductor_cache_dir
+from service.config import FALSE_WORDS, TRUE_WORDS
+
 log = logging.getLogger("dreamstream.processors")
 
 MODES = ("off", "graphs", "regional", "full")
@@ -72,8 +74,6 @@ DEFAULT_BATCH_SIZES = (1, 2, 4, 8)
 WARMUP_RUNS = 2  # eager runs before capture: cuDNN/cuBLAS autotuning and inductor's first call stay out of it
 COMPILE_BACKEND = "inductor"  # torch.compile's backend; tests on CPU use "aot_eager" to skip C++ codegen
 CAPTURE_LOCK = threading.Lock()  # one CUDA graph capture at a time in this process (see the module docstring)
-_ON = {"1", "true", "yes", "on"}
-_OFF = {"", "0", "false", "no", "off", "none", "eager"}
 _sequence = itertools.count()  # order in which signatures were first seen: the optimiser's priority
 _capture_streams = threading.local()  # one capture stream per thread: the caching allocator reuses a freed block
 # only on the stream it was allocated on, so graphs captured on one stream into one pool share their scratch memory
@@ -81,27 +81,24 @@ OPTIMISING_SWITCH_S = 0.00025  # the GIL switch interval while compiling (defaul
 
 
 def parse_mode(value: Any, device: torch.device) -> tuple[str, str]:
-    """(mode, why) from the `compile` option, DREAMSTREAM_COMPILE, or the device's default."""
-    origin = "option compile"
-    if value is None:
-        raw = os.environ.get("DREAMSTREAM_COMPILE")
-        value, origin = (raw, "env DREAMSTREAM_COMPILE") if raw is not None and raw.strip() else (None, "default")
-    if value is None:
+    """(mode, why) from the `compile` option (env DREAMSTREAM_COMPILE, read at the edge), or the device's default."""
+    if value is None or (isinstance(value, str) and not value.strip()):
         return ("full", "default on CUDA") if device.type == "cuda" else ("off", "default on CPU")
     text = str(value).strip().lower()
-    if value is True or text in _ON:
-        return ("regional" if device.type == "cuda" else "off"), f"{origin}={value}"
-    if value is False or text in _OFF:
-        return "off", f"{origin}={value}"
+    if value is True or text in TRUE_WORDS:
+        return ("regional" if device.type == "cuda" else "off"), f"compile={value}"
+    if value is False or text in FALSE_WORDS or text == "eager":
+        return "off", f"compile={value}"
     if text not in MODES:
         raise ValueError(f"compile must be one of {', '.join(MODES)} (or on/off), got {value!r}")
-    return text, f"{origin}={text}"
+    return text, f"compile={text}"
 
 
 def parse_batch_sizes(value: Any) -> tuple[int, ...]:
-    """`batch_sizes` option, DREAMSTREAM_BATCH_SIZES ("1,2,4,8") or the default: sorted, positive, unique."""
-    if value is None:
-        value = os.environ.get("DREAMSTREAM_BATCH_SIZES") or DEFAULT_BATCH_SIZES
+    """The `batch_sizes` option ("1,2,4,8"; env DREAMSTREAM_BATCH_SIZES, read at the edge) or the default: sorted,
+    positive, unique."""
+    if value is None or value == "":
+        value = DEFAULT_BATCH_SIZES
     items = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
     try:
         sizes = sorted({int(v) for v in items if str(v) != ""})
@@ -110,23 +107,6 @@ def parse_batch_sizes(value: Any) -> tuple[int, ...]:
     if not sizes or sizes[0] < 1 or any(isinstance(v, bool) for v in items):
         raise ValueError(f"batch_sizes must be positive integers such as 1,2,4,8, got {value!r}")
     return tuple(sizes)
-
-
-def inductor_cache_dir() -> Path:
-    """Where inductor's caches go: TORCHINDUCTOR_CACHE_DIR if the user set it, else ~/.cache/dreamstream/inductor.
-
-    torch writes its own default (/tmp/torchinductor_USER) into the variable the first time it asks for
-    the folder, so a value equal to that default is taken as unset.
-    """
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    ours = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dreamstream" / "inductor"
-    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if not current or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(ours)
-        if os.environ.get("TRITON_CACHE_DIR", "").startswith(os.path.abspath(default_cache_dir())):
-            del os.environ["TRITON_CACHE_DIR"]  # torch put Triton's cache under its default too: follow ours
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def configure_inductor() -> Path:

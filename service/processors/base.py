@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from service.codec import pil_to_rgb, rgb_to_pil
-from service.config import check_steps
+from service.config import check_steps, parse_flag
 
 log = logging.getLogger("dreamstream.processors")
 
@@ -111,12 +110,18 @@ class Processor(ABC):
 
 
 class IdentityProcessor(Processor):
-    """Returns frames untouched: for relay benchmarks and tests of the plumbing."""
+    """Returns frames untouched: for relay benchmarks and tests of the plumbing.
+
+    Option `test_faults` (env DREAMSTREAM_TEST_FAULTS=1), TEST ONLY: see `inject_test_fault`."""
 
     name = "identity"
 
+    def __init__(self, *args: Any, test_faults: Any = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.test_faults = parse_flag(test_faults, "test_faults")
+
     def process_batch(self, requests: list[FrameRequest]) -> list[np.ndarray]:
-        if os.environ.get(TEST_FAULTS_ENV) == "1":
+        if self.test_faults:
             # Processors are not thread-safe: with test faults on, a second thread inside this instance fails
             # loudly, so tests can prove the server never lets one in (service/backends.py, quarantine).
             if getattr(self, "_busy", False):
@@ -128,9 +133,6 @@ class IdentityProcessor(Processor):
             finally:
                 self._busy = False
         return [r.image for r in requests]
-
-
-TEST_FAULTS_ENV = "DREAMSTREAM_TEST_FAULTS"
 
 
 def inject_test_fault(prompt: str) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from service.codec import fit_to
+from service.config import parse_flag
 from service.processors import gpu_jpeg
 from service.processors.accel import CAPTURE_LOCK, Accelerator
 from service.processors.base import FrameRequest, Processor
@@ -52,7 +52,7 @@ log = logging.getLogger("dreamstream.processors")
 V = TypeVar("V")
 MODEL_OPTIONS = ("base_model", "controlnet_model", "depth_model", "tiny_vae", "vae_model")
 COMMON_OPTIONS = MODEL_OPTIONS + ("device", "dtype", "width", "height", "controlnet_scale", "compile", "batch_sizes",
-                                   "gpu_jpeg", "tiny_encoder")
+                                   "gpu_jpeg", "tiny_encoder", "offline")
 
 
 def steps_to_run(num_steps: int, strength: float) -> int:
@@ -104,29 +104,19 @@ def cast(module: torch.nn.Module, dtype: torch.dtype) -> Any:
 
 
 def _pixels(options: dict[str, Any], name: str) -> int:
-    """`width`/`height`: the option, else DREAMSTREAM_WIDTH/HEIGHT (for servers started without options), else 512."""
+    """`width`/`height`: the option (env DREAMSTREAM_WIDTH/HEIGHT, read at the edge), else 512."""
     value = options.get(name)
-    if value is None:
-        raw = os.environ.get(f"DREAMSTREAM_{name.upper()}", "").strip()
-        value = int(raw) if raw.isdigit() else (raw or 512)
+    if isinstance(value, str):
+        value = int(value) if value.strip().isdigit() else value
+    value = 512 if value is None else value
     if isinstance(value, bool) or not isinstance(value, int) or not 64 <= value <= 2048 or value % 8:
         raise ValueError(f"{name} must be a multiple of 8 between 64 and 2048, got {value!r}")
     return value
 
 
 def _flag(options: dict[str, Any], name: str, default: bool) -> bool:
-    """A boolean option, else DREAMSTREAM_<NAME> (1/0, true/false, on/off), else `default`."""
-    value = options.get(name)
-    if value is None:
-        raw = os.environ.get(f"DREAMSTREAM_{name.upper()}", "").strip().lower()
-        if not raw:
-            return default
-        if raw not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
-            raise ValueError(f"DREAMSTREAM_{name.upper()} must be 1 or 0, got {raw!r}")
-        return raw in ("1", "true", "on", "yes")
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
+    """An on/off option (env DREAMSTREAM_<NAME>, read at the edge: 1/0, true/false, on/off), else `default`."""
+    return parse_flag(options.get(name), name, default)
 
 
 class DiffusionProcessor(Processor):
@@ -153,10 +143,11 @@ class DiffusionProcessor(Processor):
             if name not in known:
                 raise ValueError(f"unknown option {name!r} for the {self.name} processor; known: {', '.join(known)}")
         self.options = options
+        self.offline = _flag(options, "offline", False)
         self.width, self.height = _pixels(options, "width"), _pixels(options, "height")
         self.controlnet_scale = float(options.get("controlnet_scale", self.default_controlnet_scale))
         self.sources: dict[str, ModelSource | None] = {
-            name: model_source(self.name, name, options.get(name))
+            name: model_source(self.name, name, options.get(name), self.offline)
             for name in self.model_options
         }
         device, self.dtype, why = resolve_device_dtype(options.get("device"), options.get("dtype"))
@@ -273,7 +264,7 @@ class DiffusionProcessor(Processor):
 
         from service.processors.models import ModelUnavailableError
 
-        source = model_source(self.name, "tiny_vae", True)
+        source = model_source(self.name, "tiny_vae", True, self.offline)
         assert source is not None
         try:
             tiny = load_model(source, lambda ref, local: AutoencoderTiny.from_pretrained(

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from service.config import FALSE_WORDS, TRUE_WORDS, option_env_var
+
 log = logging.getLogger("dreamstream.processors")
 
 T = TypeVar("T")
@@ -43,9 +45,6 @@ DEFAULTS: dict[str, dict[str, str]] = {
 # Model options a processor takes that have no default model: unset unless given. Standard's `vae_model`
 # unset means the base model's own VAE (its `vae` subfolder).
 UNSET_BY_DEFAULT: dict[str, tuple[str, ...]] = {"standard": ("vae_model",), "lightning": ()}
-_SHARED_ENV = {"depth_model": "DREAMSTREAM_DEPTH_MODEL", "lightning_unet": "DREAMSTREAM_LIGHTNING_UNET"}
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"", "0", "false", "no", "off", "none"}
 REACHABILITY_TIMEOUT_S = 15.0
 
 
@@ -55,7 +54,7 @@ class ModelUnavailableError(RuntimeError):
 
 def env_var(processor: str, option: str) -> str:
     """The env var of a model option, e.g. (`lightning`, `base_model`) -> DREAMSTREAM_LIGHTNING_BASE_MODEL."""
-    return _SHARED_ENV.get(option) or f"DREAMSTREAM_{processor.upper()}_{option.upper()}"
+    return option_env_var(processor, option)
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,8 @@ class ModelSource:
     processor: str
     option: str
     value: str
-    origin: str  # "option", "env" or "default"
+    origin: str  # "option" (given: an argument, or its env var read at the edge) or "default"
+    offline: bool = False  # never ask the hub (option `offline`, env HF_HUB_OFFLINE): local paths and the cache only
 
     @property
     def env_var(self) -> str:
@@ -86,7 +86,7 @@ class ModelSource:
         return v.startswith(("/", ".", "~")) or "\\" in v or ":" in v or v.count("/") > 1
 
     def describe(self) -> str:
-        how = {"option": f"option {self.option}", "env": f"env {self.env_var}", "default": "default"}
+        how = {"option": f"option {self.option} / {self.env_var}", "default": "default"}
         return f"{self.value} ({how[self.origin]})"
 
     def unavailable(self, why: str) -> ModelUnavailableError:
@@ -97,22 +97,19 @@ class ModelSource:
         )
 
 
-def model_source(processor: str, option: str, value: Any = None) -> ModelSource | None:
-    """Resolve an option: the keyword wins, then the env var, then the processor's default.
+def model_source(processor: str, option: str, value: Any = None, offline: bool = False) -> ModelSource | None:
+    """Resolve an option: the value given (an argument, or its env var read at the edge), else the default.
 
-    `tiny_vae` is off unless asked for: `True` (or "1"/"true" in the env var) means the default tiny
-    VAE, a string means that hub id or path. An option in UNSET_BY_DEFAULT (standard's `vae_model`) is
-    unset unless given. Returns None for an option that is off or unset.
+    `tiny_vae` is off unless asked for: `True` (or "1"/"true") means the default tiny VAE, a string means that hub
+    id or path. An option in UNSET_BY_DEFAULT (standard's `vae_model`) is unset unless given. Returns None for an
+    option that is off or unset.
     """
-    origin = "option"
-    if value is None:
-        raw = os.environ.get(env_var(processor, option))
-        value, origin = (raw, "env") if raw is not None and raw.strip() != "" else (None, "default")
+    origin = "option" if value is not None else "default"
     if option == "tiny_vae":
         text = str(value).strip().lower() if value is not None else ""
-        if value is None or value is False or text in _FALSE:
+        if value is None or value is False or text in FALSE_WORDS:
             return None
-        if value is True or text in _TRUE:
+        if value is True or text in TRUE_WORDS:
             value = DEFAULTS[processor]["tiny_vae"]
     if value is None:
         if option in UNSET_BY_DEFAULT.get(processor, ()):
@@ -120,13 +117,14 @@ def model_source(processor: str, option: str, value: Any = None) -> ModelSource 
         value = DEFAULTS[processor][option]
     if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
         raise ValueError(f"{option} must be a hub id or a local path, got {value!r}")
-    return ModelSource(processor, option, str(value).strip(), origin)
+    return ModelSource(processor, option, str(value).strip(), origin, offline)
 
 
-def hub_offline() -> bool:
+def hub_offline(source: ModelSource) -> bool:
+    """Whether `source` may not be downloaded: its `offline` option, or huggingface_hub's own offline mode."""
     from huggingface_hub import constants
 
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+    return source.offline or constants.HF_HUB_OFFLINE
 
 
 def _check_reachable(source: ModelSource) -> None:
@@ -184,7 +182,7 @@ def check_available(sources: list[ModelSource]) -> None:
             continue
         if source.looks_like_path:
             missing.append(source.unavailable(NO_SUCH_PATH))
-        elif hub_offline() and not _in_hub_cache(source):
+        elif hub_offline(source) and not _in_hub_cache(source):
             missing.append(source.unavailable(OFFLINE_NOT_CACHED))
     if len(missing) == 1:
         raise missing[0]
@@ -215,7 +213,7 @@ def load_model(source: ModelSource, loader: Callable[[str, bool], T], what: str 
         return model
     except _LOAD_ERRORS:
         pass
-    if hub_offline():
+    if hub_offline(source):
         raise source.unavailable(OFFLINE_NOT_CACHED)
     _check_reachable(source)
     log.info("%s: downloading %s from the Hugging Face hub (progress below)", label, source.describe())
@@ -247,8 +245,8 @@ def resolve_device_dtype(device: Any = None, dtype: Any = None) -> tuple[Any, An
     """(torch.device, torch.dtype, why): cuda + fp16 when a GPU is present, else cpu + fp32."""
     import torch
 
-    device = device or os.environ.get("DREAMSTREAM_DEVICE") or None
-    dtype = dtype or os.environ.get("DREAMSTREAM_DTYPE") or None
+    device = device or None
+    dtype = dtype or None
     if device is None:
         device, why = ("cuda", "a CUDA GPU is present") if torch.cuda.is_available() else (
             "cpu", "no CUDA GPU found")
