@@ -398,7 +398,7 @@ def download_models(processors: str = "lightning,standard") -> None:
     from service.processors.downloads import LOADED_VARIANT, download_plan, select_files
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    plan = download_plan([p.strip() for p in processors.split(",") if p.strip()])
+    plan = download_plan([p.strip() for p in processors.split(",") if p.strip()], modal_settings().processor_options)
     started = time.monotonic()
     for n, item in enumerate(plan, 1):
         files = select_files(huggingface_hub.list_repo_files(item.repo), item.patterns, LOADED_VARIANT)

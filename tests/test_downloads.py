@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from service.config import Settings
 from service.processors.downloads import download_patterns, download_plan, select_files
 
 SD15_LISTING = [  # the shape of stable-diffusion-v1-5's file list on the hub
@@ -32,10 +33,11 @@ def test_download_plan_follows_the_processors_defaults(monkeypatch):
     assert "unet/*.safetensors" in plan["stable-diffusion-v1-5/stable-diffusion-v1-5"].patterns
     assert "lightning depth_model" in plan[DEFAULTS["lightning"]["depth_model"]].label  # shared, fetched once
 
-    # a model variable set at deploy time changes what is fetched; a local path is not fetched
+    # a model variable set at deploy time changes what is fetched (through Settings, as the server reads it);
+    # a local path is not fetched
     monkeypatch.setenv("DREAMSTREAM_LIGHTNING_BASE_MODEL", "someone/sdxl-finetune")
     monkeypatch.setenv("DREAMSTREAM_DEPTH_MODEL", "/opt/models/depth")
-    repos = {item.repo for item in download_plan(["lightning"])}
+    repos = {item.repo for item in download_plan(["lightning"], Settings.from_env().processor_options)}
     assert "someone/sdxl-finetune" in repos and "stabilityai/stable-diffusion-xl-base-1.0" not in repos
     assert DEFAULTS["lightning"]["depth_model"] not in repos
     with pytest.raises(ValueError, match="processors"):

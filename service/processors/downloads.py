@@ -1,8 +1,8 @@
 """Which files of which hub repos the processors load: what `modal_app.py::download_models` fetches.
 
-The repos and options come from the processors' model table (`models.DEFAULTS`, `models.model_source`:
-an option's keyword, then its env var, then the default), so what is downloaded is what the processors
-will ask for. Of each repo only the parts a processor loads are fetched:
+The repos come from the processors' model table (`models.DEFAULTS`, `models.model_source`: the option the
+server passes down, else the default), so what is downloaded is what the processors will ask for. Of each
+repo only the parts a processor loads are fetched:
 
 - `standard` loads SD 1.5's text encoder, UNet and VAE; `lightning` loads SDXL's two text encoders only
   (its UNet comes from the Lightning files, its VAE from `vae_model`), plus every part's config/tokenizer;
@@ -25,6 +25,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Any
 
 LOADED_VARIANT: str | None = None
 BASE_MODEL_PARTS: dict[str, tuple[str, ...]] = {
@@ -65,10 +66,12 @@ def download_patterns(processor: str, option: str, repo: str) -> list[str]:
     return ["*.json", "*.txt", f"*{WEIGHT_SUFFIX}"]
 
 
-def download_plan(processors: list[str]) -> list[RepoDownload]:
+def download_plan(processors: list[str], options: dict[str, dict[str, Any]] | None = None) -> list[RepoDownload]:
     """The repos the processors load, each once, with the files each needs.
 
-    Options set to a local path (a folder on the volume) are not fetched: they are there already.
+    `options`: each processor type's options as the server passes them down (`Settings.processor_options`, read
+    from the DREAMSTREAM_* variables at the edge); a model option there replaces the default. Options set to a
+    local path (a folder on the volume) are not fetched: they are there already.
     """
     from service.processors.models import DEFAULTS, UNSET_BY_DEFAULT, model_source
 
@@ -76,8 +79,9 @@ def download_plan(processors: list[str]) -> list[RepoDownload]:
     for processor in processors:
         if processor not in DEFAULTS:
             raise ValueError(f"processors must be among {', '.join(DEFAULTS)}; got {processor!r}")
+        given = (options or {}).get(processor, {})
         for option in (*DEFAULTS[processor], *UNSET_BY_DEFAULT.get(processor, ())):
-            source = model_source(processor, option)
+            source = model_source(processor, option, given.get(option))
             if source is None and option == "tiny_vae":
                 # the tiny VAE is off unless asked for, but it is a few MB: fetch it so it can be turned on
                 source = model_source(processor, option, True)
