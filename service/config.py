@@ -280,6 +280,7 @@ class Settings:
     max_connections: int | None = None  # open at once (0 = no cap); None: the open-file limit less 256
     max_connections_per_address: int = 100  # open at once from one IP address (one /64 for IPv6; 0 = no cap)
     jpeg_quality: int = 85
+    overlays_dir: str | None = None  # another copy of the pages (DREAMSTREAM_OVERLAYS_DIR), for designers
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -311,6 +312,7 @@ class Settings:
             max_connections=_env_number("DREAMSTREAM_MAX_CONNECTIONS", None, int),
             max_connections_per_address=_env_number("DREAMSTREAM_MAX_CONNECTIONS_PER_ADDRESS", 100, int),
             processor=env.get("DREAMSTREAM_PROCESSOR", "auto"),
+            overlays_dir=env.get("DREAMSTREAM_OVERLAYS_DIR") or None,
         )
         for key, value in overrides.items():
             if value is not None:

@@ -17,7 +17,6 @@ from the access log (service/auth.py), and the dock sends it only to this server
 from __future__ import annotations
 
 import importlib.resources
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,12 +32,12 @@ if TYPE_CHECKING:
     from service.app import DreamStream
 
 
-def _overlays_dir() -> Path:
-    """Where the templates and static files are: DREAMSTREAM_OVERLAYS_DIR, else the installed `overlays` package.
+def overlays_dir(override: str | None = None) -> Path:
+    """Where the templates and static files are: `override` (Settings.overlays_dir, env DREAMSTREAM_OVERLAYS_DIR),
+    else the installed `overlays` package.
 
     Beside the source tree as a last resort (an editable install made before `overlays` was a package,
     or a deployment that copies the folders without installing)."""
-    override = os.environ.get("DREAMSTREAM_OVERLAYS_DIR")
     if override:
         return Path(override)
     try:
@@ -50,7 +49,6 @@ def _overlays_dir() -> Path:
     return found
 
 
-OVERLAYS_DIR = _overlays_dir()
 
 FITS = ("cover", "contain", "fill")
 MAX_FADE_MS = 10_000
@@ -159,8 +157,9 @@ def _server_info(ds: DreamStream) -> dict[str, Any]:
 
 
 def register_pages(app: FastAPI, ds: DreamStream) -> None:
-    templates = Jinja2Templates(directory=str(OVERLAYS_DIR / "templates"))
-    app.mount("/static", RevalidatedStaticFiles(directory=str(OVERLAYS_DIR / "static")), name="static")
+    folder = overlays_dir(ds.settings.overlays_dir)
+    templates = Jinja2Templates(directory=str(folder / "templates"))
+    app.mount("/static", RevalidatedStaticFiles(directory=str(folder / "static")), name="static")
 
     def render(request: Request, name: str, client: dict[str, Any], status: int = 200) -> HTMLResponse:
         """`client` is everything the page's script may read; the template gets it whole and as fields."""

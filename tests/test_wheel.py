@@ -30,7 +30,7 @@ from tests.helpers import ROOT, free_port
 
 pytestmark = pytest.mark.integration
 
-PAGES = ["/", "/view/x", "/overlay/x", "/overlay/x/compare"]
+PAGES = ["/", "/view/x", "/overlay/x", "/overlay/x/compare", "/dock/x"]
 CONTENT_TYPES = {".js": ("text/javascript", "application/javascript"), ".css": ("text/css",)}
 # what the pages reference: <script src="/static/..."> and <link href="/static/...">
 ASSET_REF = re.compile(r"""(?:src|href)\s*=\s*["']([^"']+)["']""")
@@ -104,7 +104,7 @@ def test_wheel_holds_the_pages_and_imports_from_the_venv(wheel_venv):
     tmp = venv.parent
     out = _run([str(venv / "bin" / "python"), "-c",
                 "import service, overlays, service.pages as p; "
-                "print(service.__file__); print(overlays.__file__); print(p.OVERLAYS_DIR)"], cwd=tmp, env=env)
+                "print(service.__file__); print(overlays.__file__); print(p.overlays_dir())"], cwd=tmp, env=env)
     service_file, overlays_file, overlays_dir = (Path(line) for line in out.split())
     for path in (service_file, overlays_file, overlays_dir):
         assert path.resolve().is_relative_to(venv.resolve()), f"{path} is not inside the fresh venv {venv}"
