@@ -90,6 +90,7 @@ class Stream:
         self.fps_bucket = TokenBucket(0.0, 0.0)  # set by the hub: max_fps, with a short burst
         self.pixel_bucket = TokenBucket(0.0, 0.0)  # set by the hub: the stream's pixel budget a second
         self.usage = Usage()
+        self.switching: dict[str, Any] | None = None  # a processor switch waiting for its load (service/state.py)
         self.budget_told = 0.0  # when the broadcaster was last told it is over its pixel budget
         self.in_meter = RateMeter()
         self.out_meter = RateMeter()
@@ -102,7 +103,10 @@ class Stream:
         return "offline" if self.ever_live else "waiting"
 
     def status_message(self) -> dict[str, Any]:
-        return protocol.status(self.state, len(self.viewers), self.config.to_dict())
+        message = protocol.status(self.state, len(self.viewers), self.config.to_dict())
+        if self.switching is not None:
+            message["switching"] = self.switching
+        return message
 
     def expire_stuck_viewers(self) -> None:
         now = time.monotonic()
@@ -209,7 +213,7 @@ class StreamHub:
                 pass
         else:
             log.info("stream %s: broadcaster connected", stream.id)
-            self._tell_viewers(stream, stream.status_message())
+            self.tell_viewers(stream, stream.status_message())
 
     def detach_broadcaster(self, stream: Stream, conn: Connection) -> None:
         conn.close()
@@ -219,7 +223,7 @@ class StreamHub:
         stream.pending = None
         self._ready.pop(stream.id, None)
         log.info("stream %s: broadcaster left; viewers see it offline", stream.id)
-        self._tell_viewers(stream, stream.status_message())
+        self.tell_viewers(stream, stream.status_message())
         self._close_if_idle(stream)
 
     def add_viewer(self, stream: Stream, viewer: Connection) -> None:
@@ -241,7 +245,7 @@ class StreamHub:
         stream.config = stream.config.updated(changes)
         stream.config_version += 1
         log.info("stream %s: config %.300s", stream.id, {k: stream.config.to_dict()[k] for k in changes})  # capped
-        self._tell_viewers(stream, stream.status_message())
+        self.tell_viewers(stream, stream.status_message())
         return stream.config
 
     def tell_broadcaster(self, stream: Stream, message: dict[str, Any]) -> None:
@@ -250,7 +254,7 @@ class StreamHub:
         if stream.broadcaster is not None:
             stream.broadcaster.send_control(message)
 
-    def _tell_viewers(self, stream: Stream, message: dict[str, Any]) -> None:
+    def tell_viewers(self, stream: Stream, message: dict[str, Any]) -> None:
         for viewer in stream.viewers:
             viewer.send_control(message)
 

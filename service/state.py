@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from dataclasses import dataclass
 from typing import Any
 
+from service import protocol
 from service.backends import LocalBackend, ProcessorBackend
 from service.config import PROCESSORS, Settings, StreamConfig
 from service.engine import Engine
@@ -23,6 +25,15 @@ from service.scheduler import Scheduler
 log = logging.getLogger("dreamstream")
 
 SHUTDOWN_GRACE_S = 10.0  # how long shutdown waits for the batch in flight
+
+
+@dataclass
+class Switch:
+    """A stream's switch to a processor that is loading: the changes to apply once it has loaded."""
+
+    kind: str
+    changes: dict[str, Any]
+    task: asyncio.Task | None = None
 
 
 class DreamStream:
@@ -63,7 +74,7 @@ class DreamStream:
         self.pending_requests = 0  # POST /api/process calls in progress
         self.load_error: str | None = None
         self._loading: asyncio.Task | None = None
-        self._switches: dict[str, asyncio.Task] = {}  # stream id -> its processor switch waiting for a load
+        self._switches: dict[str, Switch] = {}  # stream id -> its processor switch waiting for a load
 
     async def startup(self) -> None:
         log.info("processor: %s (%s)", self.backend.processor, self.backend.reason)
@@ -101,18 +112,25 @@ class DreamStream:
         await self.drain()
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
-        for task in self._switches.values():
-            task.cancel()
+        for switch in self._switches.values():
+            if switch.task is not None:
+                switch.task.cancel()
         await self.backend.close()
 
     # ---- config changes --------------------------------------------------------------------
 
     def change_config(self, stream: Stream, changes: dict[str, Any]) -> StreamConfig:
-        """Apply a `config` message (ClientError when invalid or not offered here). A switch to a processor that is
-        not loaded yet loads it in the background first; until then the stream keeps the processor it has, and if
-        the load fails it keeps it for good and its broadcaster is told why."""
+        """Apply a `config` message (ClientError when invalid or not offered here).
+
+        A switch to a processor that is not loaded yet loads it in the background first; until then the stream keeps
+        the processor it has (and takes other changes at once: they carry over to the switch), and if the load
+        fails it keeps it for good and its broadcaster and viewers are told why."""
         new = stream.config.updated(changes)  # checks every key before anything changes
         kind = new.processor_type
+        pending = self._switches.get(stream.id)
+        if "processor_type" not in changes and pending is not None:
+            pending.changes.update(changes)  # e.g. a prompt typed while the new processor loads
+            return self.hub.set_config(stream, changes)
         if kind != stream.config.processor_type:
             if kind not in self.offered or self.offered[kind]:
                 why = self.offered.get(kind) or "this server does not offer it (DREAMSTREAM_PROCESSORS)"
@@ -120,40 +138,54 @@ class DreamStream:
             if not self.backend.is_loaded(kind):
                 self._start_switch(stream, changes, kind)
                 return stream.config
-        self._cancel_switch(stream.id)
+        self._cancel_switch(stream)
         return self.hub.set_config(stream, changes)
 
     def _start_switch(self, stream: Stream, changes: dict[str, Any], kind: str) -> None:
-        self._cancel_switch(stream.id)
+        self._cancel_switch(stream)
         log.info("stream %s: loading the %s processor before switching to it", stream.id, kind)
-        self._switches[stream.id] = asyncio.create_task(self._switch_when_loaded(stream, changes, kind),
-                                                        name=f"switch:{kind}")
+        switch = Switch(kind, dict(changes))
+        switch.task = asyncio.create_task(self._switch_when_loaded(stream, switch))
+        self._switches[stream.id] = switch
+        self._tell_switching(stream, {"to": kind, "state": "loading"})
 
-    def _cancel_switch(self, stream_id: str) -> None:
-        task = self._switches.pop(stream_id, None)
-        if task is not None:
-            task.cancel()
+    def _cancel_switch(self, stream: Stream) -> None:
+        switch = self._switches.pop(stream.id, None)
+        if switch is not None and switch.task is not None:
+            switch.task.cancel()
+            self._tell_switching(stream, None)
 
-    async def _switch_when_loaded(self, stream: Stream, changes: dict[str, Any], kind: str) -> None:
-        from service import protocol
+    def _tell_switching(self, stream: Stream, switching: dict[str, Any] | None) -> None:
+        """Viewers (the overlay HUD, the dock) hear of a switch in their `status` message."""
+        stream.switching = switching
+        self.hub.tell_viewers(stream, stream.status_message())
 
+    async def _switch_when_loaded(self, stream: Stream, switch: Switch) -> None:
         try:
-            await self.backend.load(kind)
+            await self.backend.load(switch.kind)
         except Exception as exc:
-            message = f"could not switch to {kind}: {exc}; the stream goes on with {stream.config.processor_type}"
-            self.hub.tell_broadcaster(stream, protocol.error("bad_config", message))
-            return
-        finally:
-            if self._switches.get(stream.id) is asyncio.current_task():
+            if self._switches.get(stream.id) is switch:
                 del self._switches[stream.id]
-        if self.hub.streams.get(stream.id) is stream:
-            config = self.hub.set_config(stream, changes)
-            self.hub.tell_broadcaster(stream, protocol.config_reply(config.to_dict()))
+            why = f"could not switch to {switch.kind}: {exc}; the stream goes on with {stream.config.processor_type}"
+            self.hub.tell_broadcaster(stream, protocol.error("bad_config", why))
+            self._tell_switching(stream, {"to": switch.kind, "state": "failed", "reason": why})
+            return
+        if self._switches.get(stream.id) is not switch or self.hub.streams.get(stream.id) is not stream:
+            return
+        del self._switches[stream.id]
+        stream.switching = None
+        try:
+            config = self.hub.set_config(stream, switch.changes)  # tells viewers (status) itself
+        except ClientError as exc:  # a change made while loading does not fit the new processor (e.g. its steps)
+            self.hub.tell_broadcaster(stream, exc.to_message())
+            self.hub.tell_viewers(stream, stream.status_message())
+            return
+        self.hub.tell_broadcaster(stream, protocol.config_reply(config.to_dict()))
 
     def switching_to(self, stream: Stream) -> str | None:
         """The processor this stream is waiting to switch to, if any."""
-        task = self._switches.get(stream.id)
-        return None if task is None else task.get_name().removeprefix("switch:")
+        switch = self._switches.get(stream.id)
+        return None if switch is None else switch.kind
 
     # ---- health ----------------------------------------------------------------------------
 

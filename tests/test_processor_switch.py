@@ -88,8 +88,14 @@ def test_a_switch_loads_in_the_background_then_applies(tiny_env, tmp_path):
                 await bc.send(json.dumps({"type": "config", "processor_type": "standard", "num_steps": 2}))
                 reply = await recv_json(bc, "config")
                 assert reply["config"]["processor_type"] == "filter" and reply["loading"] == "standard"
+                # a prompt typed while it loads applies at once, and carries over to the switch
+                await bc.send(json.dumps({"type": "config", "prompt": "neon city"}))
+                reply = await recv_json(bc, "config")
+                assert reply["config"]["prompt"] == "neon city" and reply["config"]["processor_type"] == "filter"
+                assert reply["loading"] == "standard"
                 switched = await recv_json(bc, "config", timeout=150)  # the load (a minute on a busy CPU)
                 assert switched["config"]["processor_type"] == "standard" and switched["config"]["num_steps"] == 2
+                assert switched["config"]["prompt"] == "neon city"
                 assert "loading" not in switched
                 styled_by_filter = len(sizes)
                 assert styled_by_filter >= 3 and set(sizes) == {(160, 120)}  # the filter went on meanwhile
@@ -114,8 +120,15 @@ def test_a_failed_switch_keeps_the_processor_and_says_why(tiny_env, tmp_path):
             async with websockets.connect(f"{srv.ws}/ws/viewer/fail") as viewer, \
                     websockets.connect(f"{srv.ws}/ws/broadcaster/fail") as bc:
                 await recv_json(bc, "ready")
+                await recv_json(viewer, "status")
                 await bc.send(json.dumps({"type": "config", "processor_type": "standard"}))
                 assert (await recv_json(bc, "config"))["loading"] == "standard"
+                status = await recv_json(viewer, "status")
+                while "switching" not in status:
+                    status = await recv_json(viewer, "status")
+                assert status["switching"] == {"to": "standard", "state": "loading"}  # the overlay and dock hear it
+                status = await recv_json(viewer, "status", timeout=60)
+                assert status["switching"]["state"] == "failed" and "no-such-model" in status["switching"]["reason"]
                 error = await recv_json(bc, "error", timeout=60)
                 assert error["code"] == "bad_config"
                 assert "could not switch to standard" in error["message"] and "no-such-model" in error["message"]
