@@ -91,6 +91,16 @@ class ConnectionLimits:
             total = 0 if soft == resource.RLIM_INFINITY else max(64, soft - FD_RESERVE)
         return cls(max(0.0, settings.header_timeout_s), max(0, total), max(0, settings.max_connections_per_address))
 
+    def describe(self) -> str:
+        """One line for the start-up log: the limits and the env var of each."""
+        def cap(n: int) -> str:
+            return str(n) if n else "no cap"
+
+        head = f"{self.header_timeout_s:g} s" if self.header_timeout_s else "no timeout"
+        return (f"request heads within {head} (DREAMSTREAM_HEADER_TIMEOUT); open at most "
+                f"{cap(self.max_connections)} (DREAMSTREAM_MAX_CONNECTIONS), {cap(self.max_per_address)} per address "
+                "(DREAMSTREAM_MAX_CONNECTIONS_PER_ADDRESS; 0 behind a reverse proxy: everyone shares its address)")
+
 
 class LogEvery:
     """One log line per kind every `interval` seconds: the first at once, the ones in between counted into the
@@ -400,8 +410,9 @@ def bind_problem(host: str, port: int) -> str | None:
 
 def serve(app: Any, settings: Settings, log_level: str = "info") -> int:
     """Serve `app` until stopped; the exit status."""
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
-                            **uvicorn_options(settings))
+    options = uvicorn_options(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, **options)
+    log.info("connections: %s", options["http"].limits.describe())
     return run_server(uvicorn.Server(config))
 
 

@@ -224,9 +224,10 @@ def test_connection_caps_refuse_the_excess_and_let_other_addresses_in(tmp_path):
     assert refused == 30 - 18
     assert other == 200 and same != 200
     assert total_refused != 200 and again == 200
-    per_address = [line for line in log.splitlines() if "DREAMSTREAM_MAX_CONNECTIONS_PER_ADDRESS" in line]
+    refusals = [line for line in log.splitlines() if "refused a connection" in line]
+    per_address = [line for line in refusals if "DREAMSTREAM_MAX_CONNECTIONS_PER_ADDRESS" in line]
     assert 1 <= len(per_address) <= 2 and "127.0.0.1" in per_address[0], per_address
-    assert 1 <= sum("(DREAMSTREAM_MAX_CONNECTIONS)" in line for line in log.splitlines()) <= 2
+    assert 1 <= sum("(DREAMSTREAM_MAX_CONNECTIONS)" in line for line in refusals) <= 2, refusals
     assert fps >= PASS_FPS
 
 
@@ -344,3 +345,38 @@ def test_a_stream_id_with_a_trailing_newline_is_refused(srv):
 
     run(main())
     assert "main\n" not in json.dumps(httpx.get(f"{srv.http}/api/streams").json())
+
+
+# ---- the pieces, without a server ----------------------------------------------------------------
+
+
+def test_the_per_address_key_groups_an_ipv6_host_and_unmaps_ipv4():
+    from service.server import address_key
+
+    assert address_key(("203.0.113.7", 5000)) == "203.0.113.7"
+    assert address_key(("::ffff:203.0.113.7", 5000)) == "203.0.113.7"
+    assert address_key(("2001:db8:1:2:aaaa::1", 5000)) == address_key(("2001:db8:1:2:bbbb::9", 1)) \
+        == "2001:db8:1:2::/64"
+    assert address_key(("2001:db8:1:3::1", 5000)) != address_key(("2001:db8:1:2::1", 5000))
+    assert address_key(None) is None  # a Unix socket: only the total cap applies
+
+
+def test_refusals_are_logged_once_per_interval_with_a_count(caplog):
+    import logging
+
+    from service.server import LogEvery
+
+    say = LogEvery(logging.getLogger("dreamstream.connections"), interval=0.2)
+    with caplog.at_level(logging.WARNING, "dreamstream.connections"):
+        for _ in range(500):
+            say("address", "refused one")
+        time.sleep(0.25)
+        say("address", "refused one")
+        say("total", "refused another kind")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["refused one", "refused one (and 499 more since the last such line)", "refused another kind"]
+
+
+def test_serve_logs_the_connection_limits_at_start(srv):
+    line = next(line for line in srv.log().splitlines() if "connections:" in line)
+    assert "1.5 s (DREAMSTREAM_HEADER_TIMEOUT)" in line and "100 per address" in line
