@@ -197,7 +197,7 @@ SECRET_PARAMS = ("key", "token")
 SECRET_HEADERS = ("authorization", "proxy-authorization", "sec-websocket-protocol", "cookie", "x-api-key")
 REDACTED = "[redacted]"
 # a query parameter: its name (maybe percent-encoded) and value, after ? & ; or where a bare query string starts
-_PARAM_RE = re.compile(r"(?P<lead>(?:^|[?&;'\"\s(]))(?P<name>[A-Za-z0-9%+._~-]{1,40})=(?P<value>[^&;\s\"'<>)\]]*)")
+_PARAM_RE = re.compile(r"(?P<lead>(?:^|[?&;'\"\s(]))(?P<name>[A-Za-z0-9%+._~-]{1,40})=(?P<value>[^&;\s\"'<>)]*)")
 # a header as websockets' debug log (`< authorization: Bearer x`) or uvicorn's trace log (`(b'authorization',
 # b'Bearer x')`) shows it
 _HEADER_RE = re.compile(
@@ -208,7 +208,7 @@ _BEARER_RE = re.compile(r"(\bBearer\s+)[^\s'\",;]+", re.IGNORECASE)
 
 def _param(match: re.Match) -> str:
     name = unquote_plus(match["name"]).strip().lower()
-    if name in SECRET_PARAMS:
+    if name in SECRET_PARAMS and match["value"] != REDACTED:
         return f"{match['lead']}{match['name']}={REDACTED}"
     return match[0]
 
@@ -227,19 +227,46 @@ class RedactSecrets(logging.Filter):
 
     uvicorn's access log and its WebSocket "[accepted]" lines print the full path with the query string, which
     is where broadcasters put `?key=` and overlays `?token=`; at debug level websockets logs every handshake
-    header, and at trace level uvicorn logs the ASGI scope. The record's message is formatted, redacted, and
-    stored with no arguments, so whatever the format, the secret is gone.
+    header (`"< %s: %s"`, the name and the value as two arguments), and at trace level uvicorn logs the ASGI
+    scope. Each argument is redacted in place (uvicorn's access formatter unpacks its five arguments, so their
+    number stays); a secret that only shows in the message as a whole (a header's name in one argument, its
+    value in the next) makes the record its redacted message, with no arguments, on the loggers whose
+    formatters allow it.
     """
 
+    KEEP_ARGS = ("uvicorn.access",)  # formatters that unpack record.args
+
     def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a broken record: leave it for logging's own error handling
-            return True
-        clean = redact(message)
-        if clean != message:
-            record.msg, record.args = clean, ()
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact_arg(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: _redact_arg(v) for k, v in record.args.items()}
+        if record.args and record.name not in self.KEEP_ARGS:
+            try:
+                message = record.getMessage()
+            except Exception:  # a broken record: leave it to logging's own error handling
+                return True
+            clean = redact(message)
+            if clean != message:
+                record.msg, record.args = clean, ()
         return True
+
+
+def _redact_arg(value: object) -> object:
+    """A log argument with its secrets blanked: strings redacted; other objects (a scope dict, bytes) become their
+    redacted text only when that text held a secret; numbers are left alone (a `%d` still gets a number)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, (int, float)) or value is None:
+        return value
+    try:
+        text = str(value)
+    except Exception:
+        return value
+    clean = redact(text)
+    return value if clean == text else clean
 
 
 # A logger's filters see only the records made on that logger (not ones propagated from its

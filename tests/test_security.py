@@ -15,6 +15,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import os
 import socket
 import struct
@@ -487,6 +488,7 @@ def test_no_secret_in_the_log_at_debug_level(keyed):
     assert "[redacted]" in log
     for secret in (*KEYS.values(), BROADCAST_KEY, VIEWER_TOKEN):
         assert secret not in log, f"{secret[:6]}... leaked into the server log"
+    assert "Logging error" not in log and "Traceback" not in log  # the filter keeps every record formattable
 
 
 def test_redaction_of_the_shapes_each_log_level_prints():
@@ -504,3 +506,22 @@ def test_redaction_of_the_shapes_each_log_level_prints():
     }
     for raw, clean in cases.items():
         assert auth.redact(raw) == clean, raw
+        assert auth.redact(clean) == clean  # redacting twice changes nothing
+
+    # whole records, through uvicorn's own formatters: the access formatter unpacks its five arguments
+    from uvicorn.logging import AccessFormatter, DefaultFormatter
+
+    access = AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s')
+    plain = DefaultFormatter("%(message)s")
+    for logger, formatter, msg, args in (
+        ("uvicorn.access", access, '%s - "%s %s HTTP/%s" %d', ("127.0.0.1:1", "POST", "/api/process?%6Bey=S1", "1.1",
+                                                              415)),
+        ("uvicorn.error", plain, "< %s: %s", ("sec-websocket-protocol", "S1")),  # websockets, debug
+        ("uvicorn.error", plain, '%s - "WebSocket %s" [accepted]', ("127.0.0.1:1", "/ws/viewer/a?tok%65n=S1")),
+        ("uvicorn.asgi", plain, "%s [%d] Started scope=%s",  # uvicorn --log-level trace
+         ("ASGI", 1, {"query_string": b"key=S1", "headers": [(b"authorization", b"Bearer S1")]})),
+    ):
+        record = logging.LogRecord(logger, logging.INFO, __file__, 1, msg, args, None)
+        assert auth.RedactSecrets().filter(record)
+        text = formatter.format(record)
+        assert "S1" not in text and "[redacted]" in text, text
