@@ -19,7 +19,7 @@ from benchmarks.harness import PROMPT, Case, Run, summary, timed_median
 from service import codec
 from service.config import StreamConfig
 from service.processors import FrameRequest
-from service.processors.diffusion import steps_to_run
+from service.processors.schedule import steps_to_run
 
 
 @dataclass(frozen=True)

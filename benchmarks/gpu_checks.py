@@ -11,7 +11,7 @@ import numpy as np
 from benchmarks.harness import Case, Run
 from service import codec
 from service.processors import FrameRequest
-from service.processors.diffusion import steps_to_run
+from service.processors.schedule import steps_to_run
 
 
 def _events_ms(fn: Any, warm: int, count: int) -> float:

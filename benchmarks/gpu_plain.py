@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.harness import PROMPT, Case, Run, summary, timed_median
-from service.processors.diffusion import steps_to_run
+from service.processors.schedule import steps_to_run
 
 
 @dataclass

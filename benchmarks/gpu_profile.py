@@ -47,8 +47,11 @@ import torch; lap("import torch")
 if torch.cuda.is_available():
     torch.empty(1, device="cuda"); torch.cuda.synchronize(); lap("cuda context")
 import torch._inductor.config; lap("import torch._inductor.config")
-import diffusers; from diffusers import UNet2DConditionModel, ControlNetModel, AutoencoderKL, AutoencoderTiny; lap("import diffusers models")
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, AutoModelForDepthEstimation; lap("import transformers models")
+import diffusers
+from diffusers import UNet2DConditionModel, ControlNetModel, AutoencoderKL, AutoencoderTiny
+lap("import diffusers models")
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, AutoModelForDepthEstimation
+lap("import transformers models")
 import service.processors.lightning; lap("import service.processors.lightning (rest)")
 import service.app; lap("import service.app")
 print(json.dumps(t))
@@ -90,11 +93,11 @@ def startup(paths: dict[str, Path], args: argparse.Namespace, logs: Path) -> dic
         ready = None
         try:
             while time.monotonic() - started < args.ready_timeout and proc.poll() is None:
-                with contextlib.suppress(OSError, ValueError):
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-                        if json.loads(resp.read()).get("status") == "ok":
-                            ready = round(time.monotonic() - started, 2)
-                            break
+                with contextlib.suppress(OSError, ValueError), \
+                        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                    if json.loads(resp.read()).get("status") == "ok":
+                        ready = round(time.monotonic() - started, 2)
+                        break
                 time.sleep(0.5)
         finally:
             proc.send_signal(signal.SIGINT)

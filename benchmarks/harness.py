@@ -128,7 +128,7 @@ class Case:
     frames: int | None = None  # timed calls, when fewer than --frames will do (the slow eager path)
 
     def fields(self) -> dict[str, Any]:
-        from service.processors.diffusion import steps_to_run
+        from service.processors.schedule import steps_to_run
 
         return {"processor": self.processor, "steps": self.steps, "strength": self.strength,
                 "run_steps": steps_to_run(self.steps, self.strength), "controlnet": self.controlnet,

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from service.processors import FrameRequest
-from service.processors.accel import Accelerator, parse_batch_sizes, parse_mode
+from service.processors.accel import Accelerator
+from service.processors.compile_options import parse_batch_sizes, parse_mode
 from tests.fixtures_diffusion import create_processor, textured_frame
 
 pytest_plugins = ["tests.fixtures_diffusion"]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from service.processors import FrameRequest
-from service.processors.diffusion import steps_to_run
 from service.processors.models import ModelUnavailableError
+from service.processors.schedule import steps_to_run
 from tests.fixtures_diffusion import create_processor, textured_frame
 
 SIZE = {"width": 64, "height": 64}
@@ -178,7 +178,8 @@ def test_lightning_vae_model_fp16_safe_runs_in_the_processors_dtype(tiny_env, ti
     assert info["models"]["vae_model"] == str(fix) and info["dtype"] == info["vae_dtype"] == "float16"
     assert type(proc.vae).__name__ == "AutoencoderKL" and proc.vae.dtype == proc.dtype
     assert_vae_is(proc, fix)
-    assert f"vae: vae_model {fix} (option vae_model / DREAMSTREAM_LIGHTNING_VAE_MODEL), AutoencoderKL in float16" in caplog.text
+    given = "option vae_model / DREAMSTREAM_LIGHTNING_VAE_MODEL"
+    assert f"vae: vae_model {fix} ({given}), AutoencoderKL in float16" in caplog.text
     assert_real_frame(proc.process_batch([request(steps=2, controlnet=False)])[0])
 
     stock = Path(tiny_models["sdxl"]) / "vae"  # the base model's own VAE, as a stand-alone folder

@@ -63,14 +63,16 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from service.cache_dirs import inductor_cache_dir
-from service.config import FALSE_WORDS, TRUE_WORDS
+from service.processors.compile_options import (
+    configure_inductor,
+    parse_batch_sizes,
+    parse_mode,
+)
+from service.processors.fusion import fuse_projections
 
 log = logging.getLogger("dreamstream.processors")
 
-MODES = ("off", "graphs", "regional", "full")
 REPEATED_BLOCKS = ("BasicTransformerBlock",)  # diffusers' `_repeated_blocks` of the UNet, also in ControlNets
-DEFAULT_BATCH_SIZES = (1, 2, 4, 8)
 WARMUP_RUNS = 2  # eager runs before capture: cuDNN/cuBLAS autotuning and inductor's first call stay out of it
 COMPILE_BACKEND = "inductor"  # torch.compile's backend; tests on CPU use "aot_eager" to skip C++ codegen
 CAPTURE_LOCK = threading.Lock()  # one CUDA graph capture at a time in this process (see the module docstring)
@@ -78,90 +80,6 @@ _sequence = itertools.count()  # order in which signatures were first seen: the 
 _capture_streams = threading.local()  # one capture stream per thread: the caching allocator reuses a freed block
 # only on the stream it was allocated on, so graphs captured on one stream into one pool share their scratch memory
 OPTIMISING_SWITCH_S = 0.00025  # the GIL switch interval while compiling (default 5 ms), see Accelerator._optimise
-
-
-def parse_mode(value: Any, device: torch.device) -> tuple[str, str]:
-    """(mode, why) from the `compile` option (env DREAMSTREAM_COMPILE, read at the edge), or the device's default."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return ("full", "default on CUDA") if device.type == "cuda" else ("off", "default on CPU")
-    text = str(value).strip().lower()
-    if value is True or text in TRUE_WORDS:
-        return ("regional" if device.type == "cuda" else "off"), f"compile={value}"
-    if value is False or text in FALSE_WORDS or text == "eager":
-        return "off", f"compile={value}"
-    if text not in MODES:
-        raise ValueError(f"compile must be one of {', '.join(MODES)} (or on/off), got {value!r}")
-    return text, f"compile={text}"
-
-
-def parse_batch_sizes(value: Any) -> tuple[int, ...]:
-    """The `batch_sizes` option ("1,2,4,8"; env DREAMSTREAM_BATCH_SIZES, read at the edge) or the default: sorted,
-    positive, unique."""
-    if value is None or value == "":
-        value = DEFAULT_BATCH_SIZES
-    items = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
-    try:
-        sizes = sorted({int(v) for v in items if str(v) != ""})
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"batch_sizes must be positive integers such as 1,2,4,8, got {value!r}") from exc
-    if not sizes or sizes[0] < 1 or any(isinstance(v, bool) for v in items):
-        raise ValueError(f"batch_sizes must be positive integers such as 1,2,4,8, got {value!r}")
-    return tuple(sizes)
-
-
-def configure_inductor() -> Path:
-    """Inductor settings for inference, and its on-disk cache where a restart finds it (returns the folder)."""
-    import torch._dynamo.config as dynamo_config
-    import torch._inductor.config as inductor_config
-
-    folder = inductor_cache_dir()
-    inductor_config.fx_graph_cache = True
-    inductor_config.conv_1x1_as_mm = True  # 1x1 convolutions (SD 1.5's attention projections) as matmuls
-    # One compiled entry per (block shape, batch size) for two processors: far above the default of 8.
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
-    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
-    return folder
-
-
-def fuse_projections(module: torch.nn.Module) -> int:
-    """One matmul for each attention layer's q/k/v (self-attention) or k/v (cross-attention) projections.
-
-    At batch 1 the SDXL UNet's projections are 256 x 1280 x 1280 matmuls, too small to fill the GPU: three of
-    them in a row cost about what one three times as wide does. diffusers' `fuse_projections` adds the fused
-    layer beside the separate ones; here the separate weights then become views of the fused weight, so the
-    memory is not doubled and loading a state dict into the separate names (lightning's checkpoint swap) lands
-    in the fused weight too. Only layers on the default processor (AttnProcessor2_0) are fused; returns how many.
-    """
-    try:
-        from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
-    except ImportError:
-        return 0
-    count = 0
-    for attn in module.modules():
-        if (not isinstance(attn, Attention) or getattr(attn, "fused_projections", False)
-                or type(attn.processor) is not AttnProcessor2_0 or getattr(attn, "to_q", None) is None):
-            continue
-        with torch.no_grad():
-            attn.fuse_projections()
-        fused = attn.to_kv if attn.is_cross_attention else attn.to_qkv
-        parts = (attn.to_k, attn.to_v) if attn.is_cross_attention else (attn.to_q, attn.to_k, attn.to_v)
-        fused.requires_grad_(False)
-        start = 0
-        for part in parts:
-            rows = part.weight.shape[0]
-            part.weight = torch.nn.Parameter(fused.weight.data[start:start + rows], requires_grad=False)
-            if part.bias is not None:
-                part.bias = torch.nn.Parameter(fused.bias.data[start:start + rows], requires_grad=False)
-            start += rows
-        attn.set_processor(FusedAttnProcessor2_0())
-        count += 1
-    return count
-
-
-def fused_keys(module: torch.nn.Module) -> set[str]:
-    """The state-dict names `fuse_projections` added (absent from any checkpoint of the unfused model)."""
-    return {name for name, _ in module.named_parameters(remove_duplicate=False)
-            if name.rsplit(".", 2)[-2:-1] in (["to_qkv"], ["to_kv"])}
 
 
 def _signature(value: Any) -> Hashable:

@@ -27,7 +27,6 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -46,6 +45,8 @@ from service.processors.models import (
     model_source,
     resolve_device_dtype,
 )
+from service.processors.schedule import Schedule, predicted_x0, steps_to_run
+from service.processors.vae import load_encoder, load_vae
 
 log = logging.getLogger("dreamstream.processors")
 
@@ -53,31 +54,6 @@ V = TypeVar("V")
 MODEL_OPTIONS = ("base_model", "controlnet_model", "depth_model", "tiny_vae", "vae_model")
 COMMON_OPTIONS = MODEL_OPTIONS + ("device", "dtype", "width", "height", "controlnet_scale", "compile", "batch_sizes",
                                    "gpu_jpeg", "tiny_encoder", "offline")
-
-
-def steps_to_run(num_steps: int, strength: float) -> int:
-    """How many of the schedule's last steps img2img runs: ceil(num_steps * strength), within [1, num_steps]."""
-    return min(num_steps, max(1, math.ceil(num_steps * strength - 1e-6)))
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The executed part of a schedule: `timesteps` on the device, and len(timesteps) + 1 sigmas ending at 0."""
-
-    timesteps: torch.Tensor
-    sigmas: tuple[float, ...]
-    prediction_type: str
-
-
-def predicted_x0(output: torch.Tensor, sample: torch.Tensor, sigma: float, prediction_type: str) -> torch.Tensor:
-    """The model's estimate of the clean latents, whatever it was trained to predict."""
-    if prediction_type == "epsilon":
-        return sample - sigma * output
-    if prediction_type == "sample":
-        return output
-    if prediction_type == "v_prediction":
-        return output * (-sigma / math.sqrt(sigma**2 + 1)) + sample / (sigma**2 + 1)
-    raise ValueError(f"prediction_type {prediction_type!r} is not supported")
 
 
 class LRU(OrderedDict):
@@ -96,11 +72,6 @@ class LRU(OrderedDict):
         while len(self) > self.capacity:
             self.popitem(last=False)
         return value
-
-
-def cast(module: torch.nn.Module, dtype: torch.dtype) -> Any:
-    """`module.to(dtype)` without diffusers' override, which warns on every cast of models we built ourselves."""
-    return torch.nn.Module.to(module, dtype=dtype)
 
 
 def _pixels(options: dict[str, Any], name: str) -> int:
@@ -126,7 +97,7 @@ class DiffusionProcessor(Processor):
     model_options: ClassVar[tuple[str, ...]] = MODEL_OPTIONS
     default_controlnet_scale: ClassVar[float] = 1.0
     upcast_vae: ClassVar[bool] = False  # run a full VAE that says `force_upcast` in fp32 (SDXL's NaNs in fp16)
-    tiny_encoder_default: ClassVar[bool] = False  # on CUDA, encode the input with the tiny VAE (see _load_encoder)
+    tiny_encoder_default: ClassVar[bool] = False  # on CUDA, encode the input with the tiny VAE (see vae.load_encoder)
 
     def __init__(
         self,
@@ -169,8 +140,8 @@ class DiffusionProcessor(Processor):
         # nvJPEG: Engine hands this processor frames decoded on the GPU and encodes its output there
         self.gpu_jpeg = _flag(options, "gpu_jpeg", True) and gpu_jpeg.available(self.device)
         self.load_models()
-        self._load_vae()
-        self._load_encoder()
+        load_vae(self)
+        load_encoder(self)
         self.accel.optimize(self.unet, self.vae, self.encoder_vae if self.encoder_vae is not self.vae else None)
         # The fast path plugs in here and nowhere else: these four model calls, as the mode runs them.
         self.unet_with_control = self.accel.function(  # type: ignore[method-assign]
@@ -200,87 +171,6 @@ class DiffusionProcessor(Processor):
         if isinstance(part, torch.nn.Module):
             part = part.to(self.device).eval().requires_grad_(False)
         return part
-
-    def _load_vae(self) -> None:
-        """`tiny_vae` when set (`vae_model` is then not loaded), else `vae_model`, else base_model's own VAE.
-
-        A full VAE whose config says `force_upcast` runs in fp32 where the processor runs in fp16 and
-        `upcast_vae` is set (the stock SDXL VAE overflows in fp16); any other VAE in the processor's dtype.
-        """
-        from diffusers import AutoencoderKL, AutoencoderTiny
-
-        from service.processors.models import DEFAULTS
-
-        tiny, full = self.sources["tiny_vae"], self.sources.get("vae_model")
-        if tiny is not None:
-            vae = self.load_component("tiny_vae", AutoencoderTiny, dtype_kw="torch_dtype", dtype=torch.float32)
-            which = f"tiny_vae {tiny.describe()}" + (f"; vae_model {full.value} not loaded" if full else "")
-        elif full is not None:
-            vae = self.load_component("vae_model", AutoencoderKL, dtype_kw="torch_dtype", dtype=torch.float32)
-            which = f"vae_model {full.describe()}"
-        else:
-            vae = self.load_component("base_model", AutoencoderKL, "vae", "torch_dtype", dtype=torch.float32)
-            base = self.sources["base_model"]
-            which = f"the base model's own VAE ({base.value if base else '?'}, subfolder vae)"
-        says_upcast = bool(getattr(vae.config, "force_upcast", False))
-        upcast = self.upcast_vae and self.dtype == torch.float16 and says_upcast
-        if upcast:
-            fix = DEFAULTS.get(self.name, {}).get("vae_model", "an fp16-safe VAE")
-            why = (f"its config says force_upcast (fp16 SDXL VAEs overflow); vae_model={fix} or tiny_vae=True "
-                   "run in fp16")
-        elif self.upcast_vae and self.dtype == torch.float16 and tiny is None:
-            why = "the processor's dtype; its config does not say force_upcast"
-        else:
-            why = "the processor's dtype"
-        self.vae_dtype = torch.float32 if upcast else self.dtype
-        log.info("vae: %s, %s in %s: %s", which, type(vae).__name__,
-                 str(self.vae_dtype).removeprefix("torch."), why)
-        self.vae = cast(vae, self.vae_dtype)
-        self.latent_scale = float(vae.config.scaling_factor)
-        self.latent_shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-
-    def _load_encoder(self) -> None:
-        """What encodes the img2img input: the VAE itself, or, with a full VAE, the tiny VAE's encoder.
-
-        Option `tiny_encoder`: True / False, default True for lightning on CUDA. The full SDXL VAE's encoder costs
-        ~4 ms a 512 px frame even compiled, TAESDXL's ~0.5 ms, and its latents approximate the full encoder's
-        (it was trained to). Lightning's default 2 steps x 0.7 start from sigma ~14.6, where the input latents
-        are 1/15 of what the UNet sees, so their small error is lost in the noise; the full decoder keeps the
-        output's quality. The model is `tiny_vae`'s default (madebyollin/taesdxl, 10 MB). By default, when it
-        cannot be had (offline and not cached) the full encoder is used and the log says why; asked for
-        explicitly, that is an error.
-        """
-        self.encoder_vae, self.encoder_dtype = self.vae, self.vae_dtype
-        self.encoder_scale, self.encoder_shift = self.latent_scale, self.latent_shift
-        value = self.options.get("tiny_encoder")
-        if value is not None and not isinstance(value, bool):
-            raise ValueError(f"tiny_encoder must be True or False, got {value!r}")
-        if self.sources["tiny_vae"] is not None:
-            return  # the tiny VAE does both already
-        wanted = value if value is not None else (self.tiny_encoder_default and str(self.device).startswith("cuda"))
-        if not wanted:
-            return
-        from diffusers import AutoencoderTiny
-
-        from service.processors.models import ModelUnavailableError
-
-        source = model_source(self.name, "tiny_vae", True, self.offline)
-        assert source is not None
-        try:
-            tiny = load_model(source, lambda ref, local: AutoencoderTiny.from_pretrained(
-                ref, local_files_only=local, torch_dtype=self.dtype), what="(tiny_encoder: its encoder only)")
-        except ModelUnavailableError as exc:
-            if value:
-                raise
-            log.warning("tiny_encoder: %s; encoding with the full VAE instead (a few ms slower a frame)", exc)
-            return
-        tiny.decoder = torch.nn.Identity()  # only the encoder is used
-        self.encoder_vae = cast(tiny.to(self.device).eval().requires_grad_(False), self.dtype)
-        self.encoder_dtype = self.dtype
-        self.encoder_scale = float(tiny.config.scaling_factor)
-        self.encoder_shift = float(getattr(tiny.config, "shift_factor", None) or 0.0)
-        log.info("tiny_encoder: the img2img input is encoded with %s's encoder, decoded with the full VAE",
-                 source.describe())
 
     def ensure_controlnet(self) -> None:
         """Load the ControlNet and the depth estimator the first time a frame asks for them."""

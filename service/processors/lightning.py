@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
-from service.processors.accel import fused_keys
 from service.processors.base import check_lightning_steps
-from service.processors.diffusion import LRU, MODEL_OPTIONS, DiffusionProcessor, cast
+from service.processors.diffusion import LRU, MODEL_OPTIONS, DiffusionProcessor
+from service.processors.fusion import fused_keys
 from service.processors.models import ModelSource, fetch_file, load_model
+from service.processors.vae import cast
 
 log = logging.getLogger("dreamstream.processors")
 
