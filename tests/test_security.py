@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import io
 import json
 import logging
@@ -33,7 +34,8 @@ from service.config import Settings
 from service.hub import StreamHub
 from service.metrics import OTHER, Metrics
 from tests.browser import browser_fixture, open_page  # noqa: F401  (the `browser` fixture)
-from tests.helpers import gradient_jpeg, recv_json, run, running_server
+from tests.helpers import gradient_jpeg, recv_json, running_server
+from tests.helpers import run as run_here
 from tests.hostile import HealthyStream, close_code, rss_mb
 
 HEALTHY = gradient_jpeg((320, 240))
@@ -41,6 +43,13 @@ PASS_FPS = 27.0
 KEYS = {"alpha": "sk-alpha-4e1b7c90d2", "beta": "sk-beta-a83f26e5c1"}
 BROADCAST_KEY = "bk-all-71c0e94d3b"
 VIEWER_TOKEN = "vt-watch-2d8e5a1f60"
+
+
+def run(coro, timeout: float = 60):
+    """helpers.run in a thread of its own: once the module's Chromium is up, Playwright's sync API holds an event
+    loop in this one."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(run_here, coro, timeout).result()
 
 
 def png(side: int, seed: int = 0, noise: int = 8) -> bytes:
