@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from service import codec, protocol
 from service.config import PROCESSORS, StreamConfig
 from service.connection import Connection, OutFrame
 from service.metrics import Metrics, RateMeter
+from service.rates import TokenBucket, Usage
 
 log = logging.getLogger("dreamstream.hub")
 
@@ -37,39 +37,6 @@ class PendingFrame:
     received: float = field(default_factory=time.monotonic)
     number: int = 0  # the stream's frames_in count when it arrived: orders results that return out of order
     pixels: int = 0  # width x height, from the header
-
-
-class TokenBucket:
-    """`rate` a second, holding up to `capacity`: the fps limit and the pixel budget of a stream."""
-
-    def __init__(self, rate: float, capacity: float) -> None:
-        self.rate, self.capacity = rate, capacity
-        self.tokens, self.at = capacity, time.monotonic()
-
-    def take(self, amount: float, now: float) -> bool:
-        if self.rate <= 0:
-            return True  # no limit
-        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens < amount:
-            return False
-        self.tokens -= amount
-        return True
-
-
-class Usage:
-    """Pixels a stream has had processed lately (decaying with a 1 s time constant): who goes first in a batch."""
-
-    TAU_S = 1.0
-
-    def __init__(self) -> None:
-        self.value, self.at = 0.0, time.monotonic()
-
-    def now(self, now: float) -> float:
-        return self.value * math.exp(-(now - self.at) / self.TAU_S)
-
-    def add(self, amount: float, now: float) -> None:
-        self.value, self.at = self.now(now) + amount, now
 
 
 class Stream:

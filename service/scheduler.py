@@ -21,6 +21,7 @@ import time
 
 from service import protocol
 from service.backends import ProcessorBackend
+from service.config import PROCESSORS
 from service.engine import FrameJob
 from service.errors import ClientError
 from service.hub import Job, StreamHub
@@ -69,6 +70,10 @@ class Scheduler:
         while not self._stopping:
             await self.hub.wait_for_work()
             await slots.acquire()
+            if self.rounds and not self.backend.split_batches and self._batches(self.hub.head_key()):
+                # a model that batches takes every ready stream in one call: wait for the round in flight, so the
+                # streams are not split into half batches (the second slot is for the CPU filter's decode overlap)
+                await asyncio.wait(set(self.rounds))
             await self.fill()
             jobs = self.hub.take_batch(self.max_batch)
             if not jobs:
@@ -77,6 +82,11 @@ class Scheduler:
             task = asyncio.create_task(self._round(jobs, slots))
             self.rounds.add(task)
             task.add_done_callback(self.rounds.discard)
+
+    @staticmethod
+    def _batches(key: tuple[str, int, bool] | None) -> bool:
+        kind = PROCESSORS.get(key[0]) if key is not None else None
+        return kind is None or kind.batches
 
     async def fill(self) -> None:
         """Wait (bounded, see the module docstring) for the streams that are about to send."""

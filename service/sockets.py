@@ -15,6 +15,7 @@ from service.config import valid_stream_id
 from service.connection import Connection
 from service.errors import ClientError
 from service.hub import HubFull, Stream
+from service.rates import TokenBucket
 from service.server import ABORT_EXTENSION
 
 if TYPE_CHECKING:
@@ -29,46 +30,12 @@ CONTROL_BURST = 100.0  # ...with bursts of this many; past that they are dropped
 NOTICE_S = 5.0  # a socket over the control limit hears so at most this often
 
 
-class Pace:
-    """A token bucket for one socket: `rate` a second, holding up to `burst` (rate <= 0: no limit)."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens, self.at = burst, time.monotonic()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-
-    def take(self) -> bool:
-        """One token if there is one (True), else False."""
-        if self.rate <= 0:
-            return True
-        self._refill()
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-    async def wait(self) -> None:
-        """Take one token, waiting for it if need be. Used before reading a message: a socket sending faster
-        than this is simply not read, so TCP holds its flood back and it costs the server nothing."""
-        if self.rate <= 0:
-            return
-        self._refill()
-        if self.tokens < 1:
-            await asyncio.sleep((1 - self.tokens) / self.rate)
-            self._refill()
-        self.tokens -= 1
-
-
-def read_pace(settings: Any) -> Pace:
+def read_pace(settings: Any) -> TokenBucket:
     """How fast a broadcaster's messages are read: twice DREAMSTREAM_MAX_FPS (frames over the rate are read and
     dropped, counted, up to that) plus the control messages; unpaced when the fps limit is off."""
     if settings.max_fps <= 0:
-        return Pace(0, 0)
-    return Pace(2 * settings.max_fps + CONTROL_RATE, max(2 * settings.max_fps, 8) + CONTROL_BURST)
+        return TokenBucket(0, 0)
+    return TokenBucket(2 * settings.max_fps + CONTROL_RATE, max(2 * settings.max_fps, 8) + CONTROL_BURST)
 
 
 class ControlLimit:
@@ -76,7 +43,7 @@ class ControlLimit:
     client is told with one `bad_message` every NOTICE_S seconds, not one per message."""
 
     def __init__(self) -> None:
-        self.pace = Pace(CONTROL_RATE, CONTROL_BURST)
+        self.pace = TokenBucket(CONTROL_RATE, CONTROL_BURST)
         self.dropped = 0
         self.told = -math.inf
 
@@ -243,7 +210,7 @@ def _abort_of(ws: WebSocket) -> Any:
 async def _drain(ds: DreamStream, conn: Connection) -> None:
     """Viewers have nothing to say; read until they leave (and answer pings), at most CONTROL_RATE messages a
     second: the rest wait in TCP."""
-    pace = Pace(CONTROL_RATE, CONTROL_BURST)
+    pace = TokenBucket(CONTROL_RATE, CONTROL_BURST)
     try:
         while True:
             await pace.wait()
