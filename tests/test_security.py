@@ -534,3 +534,47 @@ def test_redaction_of_the_shapes_each_log_level_prints():
         assert auth.RedactSecrets().filter(record)
         text = formatter.format(record)
         assert "S1" not in text and "[redacted]" in text, text
+
+
+def test_host_and_origin_rules():
+    """The rules the server tests above rely on, case by case (no server)."""
+    local = Settings()  # --host 127.0.0.1
+    for host in ("127.0.0.1:8000", "localhost:8000", "LOCALHOST", "[::1]:8000", "127.0.0.2:8000"):
+        assert auth.host_allowed(local, host), host
+    for host in ("evil.example:8000", "192.168.1.20:8000", "", None, "a@evil.example", "evil.example/x"):
+        assert not auth.host_allowed(local, host), host
+    assert auth.host_allowed(local, "10.0.0.5:8000", local_address="10.0.0.5")  # the address it came in on
+    public = Settings(host="0.0.0.0", allowed_hosts=["studio.example.com", "*.modal.run", "Box.LAN:9000"])
+    for host in ("192.168.1.20:8000", "[fe80::1]:8000", "studio.example.com", "ws--app.modal.run", "box.lan"):
+        assert auth.host_allowed(public, host), host
+    for host in ("modal.run.evil.example", "evil.example", "studio.example.com.evil.example"):
+        assert not auth.host_allowed(public, host), host
+    assert auth.host_allowed(Settings(allowed_hosts=["*"]), "anything.example")
+
+    assert auth.normalise_origin("HTTPS://Studio.Example:443/") == "https://studio.example"
+    assert auth.normalise_origin("http://studio.example:8080") == "http://studio.example:8080"
+    for bad in ("null", "file://", "chrome-extension://abc", "http://x/path", "garbage"):
+        assert auth.normalise_origin(bad) is None, bad
+    listed = Settings(allowed_origins=["http://studio.example/"])
+    assert auth.origin_allowed(listed, "http://STUDIO.example:80", "127.0.0.1:8000")
+    assert not auth.origin_allowed(listed, "https://studio.example", "127.0.0.1:8000")
+    assert auth.origin_allowed(local, "http://127.0.0.1:8000", "127.0.0.1:8000")  # own page
+    assert not auth.origin_allowed(local, "http://localhost:8000", "127.0.0.1:8000")  # another origin
+    assert not auth.origin_allowed(local, "http://127.0.0.1:9000", "127.0.0.1:8000")
+    assert auth.origin_allowed(local, "https://studio.example.com", "studio.example.com")  # behind a TLS proxy
+    assert auth.origin_allowed(local, None, "evil.example")  # not a browser: the keys guard it
+
+    assert auth.browser_refusal(local, {"host": "evil.example"}) is None  # no Origin, no Sec-Fetch: not checked
+    assert "DREAMSTREAM_ALLOWED_HOSTS" in auth.browser_refusal(local, {"host": "evil.example",
+                                                                       "sec-fetch-site": "same-origin"})
+    why = auth.browser_refusal(local, {"host": "127.0.0.1:8000", "origin": "http://evil.example"})
+    assert "DREAMSTREAM_ALLOWED_ORIGINS" in why and len(why.encode()) <= 123  # fits a close frame's reason
+    assert len(auth.browser_refusal(local, {"host": "x" * 500, "origin": "http://x"}).encode()) <= 123
+
+    keyed = Settings(stream_keys={"a": "ka", "b": "kb"}, broadcast_key="all", viewer_token="t")
+    assert all(auth.any_key_allowed(keyed, k) for k in ("ka", "kb", "all"))
+    assert not any(auth.any_key_allowed(keyed, k) for k in (None, "", "KA", "t"))
+    assert auth.any_key_allowed(Settings(), None)
+    assert auth.reader_allowed(keyed, "t") and auth.reader_allowed(keyed, "all")
+    assert not auth.reader_allowed(keyed, "ka") and not auth.reader_allowed(keyed, None)
+    assert auth.reader_allowed(Settings(), None)
