@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from service import auth, codec, protocol
+from service.backends import LocalBackend
 from service.config import StreamConfig, valid_stream_id
 from service.engine import FrameJob
 from service.errors import ClientError
@@ -127,6 +128,7 @@ async def metrics(request: Request, token: str | None = None, key: str | None = 
     ds = _ds(request)
     if (refused := _reader_refusal(request, ds, token, key)) is not None:
         return refused
+    ds.metrics.set_processor_states(ds.processors_health())  # what /healthz would say now
     return Response(ds.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -144,11 +146,12 @@ class OneShotLane:
     """Where POST /api/process waits: its own lane, which never runs ahead of live frames.
 
     One one-shot at a time, and only when the live streams have no frame waiting and no batch in flight (the
-    scheduler is idle). The worker cannot be interrupted, so a one-shot that starts just before a live frame
-    arrives delays that frame by its own time: while any stream is live, the lane therefore rests after each
-    one-shot, keeping its share of the worker to `SHARE` (3 %: a live stream loses at most a frame or two a
-    second), and the pixel cap (DREAMSTREAM_MAX_PROCESS_PIXELS) bounds each one-shot's time. With no stream
-    live, one-shots run back to back. A request that cannot get a turn within `WAIT_S` gets 503.
+    scheduler is idle; a remote GPU pool, which takes several batches at once, needs two free slots). The local
+    worker cannot be interrupted, so a one-shot that starts just before a live frame arrives delays that frame by
+    its own time: while any stream is live, the lane therefore rests after each one-shot, keeping its share of the
+    worker to `SHARE` (3 %: a live stream loses at most a frame or two a second), and the pixel cap
+    (DREAMSTREAM_MAX_PROCESS_PIXELS) bounds each one-shot's time. With no stream live, one-shots run back to
+    back. A request that cannot get a turn within `WAIT_S` gets 503.
     """
 
     SHARE = 0.03
@@ -170,8 +173,10 @@ class OneShotLane:
 
     @staticmethod
     def _live_work(ds: DreamStream) -> bool:
-        """A live batch in flight, or a live frame waiting for one."""
-        return ds.scheduler.in_flight or ds.hub.head_key() is not None
+        """A live frame waiting for a batch, or the live batches in flight using the backend: with one local worker,
+        any batch in flight; a remote pool that takes several at once must have two of its slots free."""
+        scheduler = ds.scheduler
+        return len(scheduler.rounds) > max(0, scheduler.max_in_flight - 2) or ds.hub.head_key() is not None
 
     def _may_start(self, ds: DreamStream, ticket: object, now: float) -> bool:
         if self._running or self._queue[0] is not ticket or self._live_work(ds):
@@ -192,7 +197,8 @@ class OneShotLane:
             try:
                 started = time.monotonic()
                 [result] = await ds.backend.process([job])
-                self.rest_until = time.monotonic() + (time.monotonic() - started) * (1 / self.SHARE - 1)
+                if isinstance(ds.backend, LocalBackend):  # a remote pool's one-shot holds no worker of ours
+                    self.rest_until = time.monotonic() + (time.monotonic() - started) * (1 / self.SHARE - 1)
                 return result
             finally:
                 self._running = False
