@@ -146,7 +146,7 @@ def pinned(*names: str) -> list[str]:
 
 
 WEB_PACKAGES = pinned("fastapi", "uvicorn[standard]", "websockets", "jinja2", "numpy", "pillow",
-                      "opencv-python-headless", "simplejpeg", "prometheus-client", "pydantic")
+                      "opencv-python-headless", "simplejpeg", "prometheus-client", "pydantic", "fastapi-offline")
 GPU_PACKAGES = pinned("torch", "torchvision", "diffusers", "transformers", "accelerate", "controlnet-aux",
                       "safetensors", "huggingface-hub",
                       "hf-xet",  # the hub's fast transfer backend, for download_models

@@ -17,6 +17,7 @@ from service import auth
 from service.api import register_api
 from service.backends import ProcessorBackend
 from service.config import Settings
+from service.docs_page import register_docs
 from service.pages import register_pages
 from service.server import drain_before_exit
 from service.sockets import broadcaster_socket, viewer_socket
@@ -41,9 +42,11 @@ def create_app(settings: Settings | None = None, backend: ProcessorBackend | Non
             await ds.shutdown()  # drains first when no signal did (Modal, a host stopping the app itself)
             undo()
 
-    app = FastAPI(title="DreamStream", version=package_version(), lifespan=lifespan)
+    app = FastAPI(title="DreamStream", version=package_version(), lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # served by docs_page.py from our own files
     app.state.dreamstream = ds
     register_api(app)
+    register_docs(app)
     app.add_api_websocket_route("/ws/broadcaster/{stream_id}", broadcaster_socket)
     app.add_api_websocket_route("/ws/viewer/{stream_id}", viewer_socket)
     register_pages(app, ds)

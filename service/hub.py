@@ -345,7 +345,7 @@ class StreamHub:
         stream.last_latency_ms = latency_ms
         stream.out_meter.tick(now)
         self.metrics.frames_out.labels(stream.id).inc()
-        self.metrics.latency.observe(latency_ms / 1000.0)
+        self.metrics.latency.labels(job.config.processor_type).observe(latency_ms / 1000.0)
         frame = OutFrame(jpeg, stream.seq, job.frame.ts, latency_ms)
         self._offer(stream, [v for v in stream.viewers if v.source == "styled"], frame)
 

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 MAX_LABELLED_STREAMS = 200  # = DREAMSTREAM_MAX_STREAMS' default of 100 live + 100 waiting
+PROCESSOR_STATES = ("ready", "loading", "unavailable")  # SPEC §7's states of /healthz's processors block
 OTHER = "_other"  # the label of the streams past the cap, and of counts for streams that have ended
 
 
@@ -72,7 +73,8 @@ class Metrics:
         self.errors = Counter("dreamstream_errors", "Error messages sent to clients", ["code"], registry=r)
         self.latency = Histogram(
             "dreamstream_processing_latency_seconds",
-            "Receive-to-publish time of a processed frame",
+            "Receive-to-publish time of a processed frame, by the processor that styled it",
+            ["processor"],  # a label from the fixed table of processor types: bounded
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -81,6 +83,12 @@ class Metrics:
         )
         self._gauge = Gauge("dreamstream_viewers", "Connected viewers", ["stream"], registry=r)
         self.viewers = _PerStream(self, self._gauge, opens=True)
+        self.processor_state = Gauge(
+            "dreamstream_processor_state",
+            "1 for the state each offered processor is in (ready, loading, unavailable), 0 for the others",
+            ["processor", "state"],
+            registry=r,
+        )
         self.streams = Gauge("dreamstream_streams", "Streams with a broadcaster or viewers", registry=r)
         self.viewer_skipped = _PerStream(self, Counter(
             "dreamstream_viewer_frames_skipped", "Frames a slow viewer skipped", ["stream"], registry=r), opens=False)
@@ -118,6 +126,22 @@ class Metrics:
             self._past_cap.discard(stream_id)
             if self._other_viewers.pop(stream_id, None) is not None:
                 self._gauge.labels(OTHER).set(sum(self._other_viewers.values()))
+
+    def set_processor_states(self, processors: dict[str, dict[str, Any]]) -> None:
+        """The processors block of /healthz as gauges: each processor's current state 1, its other states 0 (so a
+        query for `state="loading"` sees a load end), and processors no longer listed removed."""
+        listed = {(name, info["state"]) for name, info in processors.items()}
+        states = [*PROCESSOR_STATES, *sorted({state for _, state in listed} - set(PROCESSOR_STATES))]
+        for name in processors:
+            for state in states:
+                self.processor_state.labels(name, state).set(1 if (name, state) in listed else 0)
+        for metric in self.processor_state.collect():
+            for sample in metric.samples:
+                if sample.labels["processor"] not in processors:
+                    try:
+                        self.processor_state.remove(sample.labels["processor"], sample.labels["state"])
+                    except KeyError:
+                        pass
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
