@@ -1,10 +1,12 @@
-"""Regenerate the README screenshots in docs/images/: overlay.png, compare.png, studio.png, dock.png.
+"""Regenerate the README screenshots in docs/images/: stream.png, overlay.png, compare.png, studio.png, dock.png.
 
     .venv/bin/python docs/make_screenshots.py [--out docs/images]
 
 Runs a real server with the CPU `filter` processor, a synthetic test scene as the source (pushed by
 a Python broadcaster, and as Chromium's fake camera for the studio), and the same headless Chromium
-the browser tests use (tests/browser.py). The overlay is shown over a checkerboard, the usual way to
+the browser tests use (tests/browser.py). stream.png is the README's first picture: the frame sent beside the
+OBS overlay page showing it styled with each of the studio's presets (a strip of real overlay screenshots, no
+mock-up). The overlay is shown over a checkerboard, the usual way to
 picture transparency. The studio is shot at 1280x800 as the browser shows it (no scrolling: the prompt must
 be beside the preview), the dock at 350x700, a usual width for an OBS dock. Each PNG is shrunk to stay well
 under 300 KB.
@@ -24,12 +26,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import simplejpeg
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.browser import FramePusher, launch_chromium, open_page, wait_for_frames  # noqa: E402
+from service.pages import PRESETS  # noqa: E402
+from tests.browser import FramePusher, frames_drawn, launch_chromium, open_page, wait_for_frames  # noqa: E402
 from tests.helpers import running_server  # noqa: E402
 
 MAX_BYTES = 300_000
@@ -88,10 +91,47 @@ def save(png: bytes, path: Path, width: int, transparent: bool = False) -> None:
     print(f"{path}: {out.size[0]}x{out.size[1]}, {buf.tell() // 1024} KB")
 
 
+def label(image: Image.Image, text: str) -> Image.Image:
+    """A tile's caption in a dark pill in its top-left corner, as the compare page labels its sides."""
+    draw = ImageDraw.Draw(image)
+    try:
+        font = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", 17)
+    except OSError:
+        font = ImageFont.load_default()
+    box = draw.textbbox((18, 12), text, font=font)
+    draw.rounded_rectangle((box[0] - 9, box[1] - 6, box[2] + 9, box[3] + 6), 12, fill=(20, 22, 28))
+    draw.text((18, 12), text, font=font, fill=(240, 240, 240))
+    return image
+
+
+def strip(http: str, ws: str, browser, frame: bytes, tile: tuple[int, int], path: Path) -> None:
+    """What you send, then the overlay page (as OBS shows it) with each preset: 3 x 2 tiles."""
+    tiles = [label(Image.fromarray(simplejpeg.decode_jpeg(frame)).resize(tile, Image.LANCZOS), "what you send")]
+    with FramePusher(ws, "demo-strip", frame, fps=15), open_page(
+        browser, f"{http}/overlay/demo-strip?fit=cover", {"width": tile[0], "height": tile[1]}
+    ) as page:
+        wait_for_frames(page, at_least=5)
+        for name, prompt in PRESETS:
+            set_style(http, "demo-strip", prompt)
+            wait_for_frames(page, at_least=frames_drawn(page) + 15)
+            time.sleep(0.3)
+            shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+            tiles.append(label(shot, f"overlay: {name}"))
+    gap, cols = 8, 3
+    rows = (len(tiles) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * tile[0] + (cols + 1) * gap, rows * tile[1] + (rows + 1) * gap), (16, 18, 24))
+    for i, image in enumerate(tiles):
+        sheet.paste(image, (gap + (i % cols) * (tile[0] + gap), gap + (i // cols) * (tile[1] + gap)))
+    buf = io.BytesIO()
+    sheet.save(buf, "PNG")
+    save(buf.getvalue(), path, sheet.width)
+
+
 def set_style(http: str, stream_id: str, prompt: str) -> None:
     """The `config` message over HTTP, as a Stream Deck button would send it."""
     body = json.dumps({"prompt": prompt}).encode()
-    request = urllib.request.Request(f"{http}/api/streams/{stream_id}/config", body, method="POST")
+    request = urllib.request.Request(f"{http}/api/streams/{stream_id}/config", body, method="POST",
+                                     headers={"Content-Type": "application/json"})  # a form type is refused
     urllib.request.urlopen(request, timeout=5).close()
 
 
@@ -109,6 +149,8 @@ def main() -> int:
             running_server(Path(tmp), processor="filter") as srv,
             launch_chromium([f"--use-file-for-fake-video-capture={camera}"]) as browser,
         ):
+            strip(srv.http, srv.ws, browser, wide, (400, 225), args.out / "stream.png")
+
             with (
                 FramePusher(srv.ws, "demo", square, fps=15),
                 open_page(browser, f"{srv.http}/overlay/demo?fit=contain&debug=1") as page,
