@@ -30,6 +30,7 @@ from service.processors.models import ModelUnavailableError
 __all__ = [
     "ModelUnavailableError",
     "apply_diffusion",
+    "cached_processors",
     "clear_processor_cache",
     "get_diffusion_processor",
     "process_base64_frame",
@@ -102,6 +103,13 @@ async def apply_diffusion(
     request = FrameRequest(image, processor.style_prompt if prompt is None else prompt, float(strength), steps,
                            processor.seed, bool(use_controlnet))
     return await _styled_jpeg(processor, request, bytes(img_data))
+
+
+def cached_processors() -> list[Processor]:
+    """The processors `apply_diffusion` holds: one per processor type and model options, whatever the steps,
+    strength, prompt or ControlNet setting of the calls."""
+    with _cache_lock:
+        return list(_cache.values())
 
 
 def clear_processor_cache() -> None:

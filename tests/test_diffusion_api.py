@@ -102,7 +102,7 @@ def test_apply_diffusion_lightning_all_step_counts_share_one_processor(tiny_env,
         out = asyncio.run(apply_diffusion(img_data=jpeg(), processor_type="lightning", prompt="a watercolor",
                                           use_controlnet=use_controlnet, strength=0.7, num_steps=steps, **SIZE))
         assert decoded(out).shape == (64, 64, 3)
-    assert len(api._cache) == 1  # steps, strength and ControlNet are per call: one set of models
+    assert len(api.cached_processors()) == 1  # steps, strength and ControlNet are per call: one set of models
 
 
 def test_bad_arguments_raise_value_error_naming_them(tiny_env):
