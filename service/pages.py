@@ -29,7 +29,7 @@ from fastapi.templating import Jinja2Templates
 from service.config import PROCESSOR_TYPES, valid_stream_id
 
 if TYPE_CHECKING:
-    from service.app import DreamStream
+    from service.state import DreamStream
 
 
 def overlays_dir(override: str | None = None) -> Path:

@@ -1,17 +1,15 @@
 """The diffusion processors' VAEs: which one decodes (tiny, a given one, the base model's own; in which dtype), and
-what encodes the img2img input (the VAE itself, or the tiny VAE's encoder)."""
+what encodes the img2img input (the VAE itself, or the tiny VAE's encoder). Each function sets the VAE attributes of
+`proc`, the DiffusionProcessor being built (service/processors/diffusion.py calls them from its constructor)."""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from service.processors.models import load_model, model_source
-
-if TYPE_CHECKING:
-    from service.processors.diffusion import DiffusionProcessor
 
 log = logging.getLogger("dreamstream.processors")
 
@@ -21,7 +19,7 @@ def cast(module: torch.nn.Module, dtype: torch.dtype) -> Any:
     return torch.nn.Module.to(module, dtype=dtype)
 
 
-def load_vae(proc: DiffusionProcessor) -> None:
+def load_vae(proc: Any) -> None:
     """`tiny_vae` when set (`vae_model` is then not loaded), else `vae_model`, else base_model's own VAE.
 
     A full VAE whose config says `force_upcast` runs in fp32 where the processor runs in fp16 and
@@ -59,7 +57,7 @@ def load_vae(proc: DiffusionProcessor) -> None:
     proc.latent_scale = float(vae.config.scaling_factor)
     proc.latent_shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
 
-def load_encoder(proc: DiffusionProcessor) -> None:
+def load_encoder(proc: Any) -> None:
     """What encodes the img2img input: the VAE itself, or, with a full VAE, the tiny VAE's encoder.
 
     Option `tiny_encoder`: True / False, default True for lightning on CUDA. The full SDXL VAE's encoder costs
