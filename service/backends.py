@@ -130,6 +130,7 @@ class LocalBackend(ProcessorBackend):
         self._loader = _Worker("dreamstream-loader")
         self._loads: dict[str, asyncio.Future] = {}
         self._load_errors: dict[str, str] = {}
+        self._load_progress: dict[str, tuple[float, str]] = {}  # written by the loader thread, read by /healthz
 
     async def start(self) -> None:
         await self.load(self.processor)
@@ -157,8 +158,12 @@ class LocalBackend(ProcessorBackend):
                 del self._loads[processor_type]
 
     def _load_now(self, processor_type: str) -> None:
+        def on_progress(fraction: float, stage: str) -> None:
+            self._load_progress[processor_type] = (fraction, stage)
+
+        self._load_progress[processor_type] = (0.0, "starting")
         try:
-            self.engine.processor(processor_type)
+            self.engine.processor(processor_type, on_progress)
         finally:
             gc.collect()  # what a failed load allocated goes back now, not at some later collection
 
@@ -166,7 +171,8 @@ class LocalBackend(ProcessorBackend):
         if processor_type in self.engine.processors:
             return {"state": "ready", "progress": 1.0, "loaded": True}
         if processor_type in self._loads:
-            return {"state": "loading", "progress": 0.0, "loaded": False}
+            fraction, stage = self._load_progress.get(processor_type, (0.0, "starting"))
+            return {"state": "loading", "progress": round(fraction, 3), "stage": stage, "loaded": False}
         state: dict[str, Any] = {"state": "ready", "progress": 0.0, "loaded": False}
         if processor_type in self._load_errors:
             state["reason"] = f"the last load failed: {self._load_errors[processor_type]}"

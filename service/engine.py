@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,8 +79,9 @@ class Engine:
         self.processors: dict[str, Processor] = {}
         self._load_failures: dict[str, tuple[float, str]] = {}
 
-    def processor(self, processor_type: str) -> Processor:
-        """The loaded processor of this type, loading it on first use (a failure is remembered for a minute)."""
+    def processor(self, processor_type: str, on_progress: Callable[[float, str], None] | None = None) -> Processor:
+        """The loaded processor of this type, loading it on first use (a failure is remembered for a minute).
+        `on_progress(fraction, stage)` hears how a diffusion processor's load goes on."""
         if processor_type in self.processors:
             return self.processors[processor_type]
         failed = self._load_failures.get(processor_type)
@@ -89,6 +91,8 @@ class Engine:
         kwargs: dict[str, Any] = {"style_prompt": cfg.prompt, "strength": cfg.strength, "seed": cfg.seed}
         if processor_type in PROCESSORS and PROCESSORS[processor_type].diffusion:
             kwargs["use_controlnet"] = cfg.use_controlnet
+            if on_progress is not None:
+                kwargs["on_progress"] = on_progress
         kwargs.update(self.processor_options.get(processor_type, {}))
         started = time.monotonic()
         try:

@@ -93,7 +93,21 @@ def test_a_switch_loads_in_the_background_then_applies(tiny_env, tmp_path):
                 reply = await recv_json(bc, "config")
                 assert reply["config"]["prompt"] == "neon city" and reply["config"]["processor_type"] == "filter"
                 assert reply["loading"] == "standard"
+                progress = []  # what /healthz says while it loads (the studio shows "loading standard... n %")
+
+                async def watch_health():
+                    while True:
+                        health = await asyncio.to_thread(httpx.get, f"{srv.http}/healthz")
+                        progress.append(health.json()["processors"]["standard"])
+                        await asyncio.sleep(0.3)
+
+                watching = asyncio.create_task(watch_health())
                 switched = await recv_json(bc, "config", timeout=150)  # the load (a minute on a busy CPU)
+                watching.cancel()
+                loading = [p for p in progress if p["state"] == "loading"]
+                assert loading and any(0 < p["progress"] < 1 for p in loading), progress
+                assert [p["progress"] for p in loading] == sorted(p["progress"] for p in loading)
+                assert any(p["stage"].startswith("loading ") for p in loading)
                 assert switched["config"]["processor_type"] == "standard" and switched["config"]["num_steps"] == 2
                 assert switched["config"]["prompt"] == "neon city"
                 assert "loading" not in switched

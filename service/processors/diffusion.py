@@ -52,6 +52,7 @@ log = logging.getLogger("dreamstream.processors")
 
 V = TypeVar("V")
 MODEL_OPTIONS = ("base_model", "controlnet_model", "depth_model", "tiny_vae", "vae_model")
+LOAD_PARTS, LOAD_SHARE = 8, 0.6  # the load's progress: ~8 model parts make 60 %, the warm-up the rest
 COMMON_OPTIONS = MODEL_OPTIONS + ("device", "dtype", "width", "height", "controlnet_scale", "compile", "batch_sizes",
                                    "gpu_jpeg", "tiny_encoder", "offline")
 
@@ -106,9 +107,13 @@ class DiffusionProcessor(Processor):
         num_steps: int | None = None,
         use_controlnet: bool = True,
         seed: int = 42,
+        on_progress: Callable[[float, str], None] | None = None,
         **options: Any,
     ) -> None:
         super().__init__(style_prompt, strength, num_steps, use_controlnet, seed)
+        # (fraction 0..1, what) as the load goes on: /healthz, the studio's "loading lightning... n %"
+        self.on_progress = on_progress or (lambda fraction, stage: None)
+        self._parts_loaded = 0
         known = COMMON_OPTIONS + self.extra_options
         for name in options:
             if name not in known:
@@ -170,6 +175,8 @@ class DiffusionProcessor(Processor):
                           what=subfolder or "")
         if isinstance(part, torch.nn.Module):
             part = part.to(self.device).eval().requires_grad_(False)
+        self._parts_loaded += 1  # about 8 parts (tokenizers, text encoders, UNet, VAE, ControlNet, depth): 60 %
+        self.on_progress(min(self._parts_loaded / LOAD_PARTS, 1.0) * LOAD_SHARE, f"loading {option}")
         return part
 
     def ensure_controlnet(self) -> None:
@@ -365,8 +372,10 @@ class DiffusionProcessor(Processor):
         image = np.stack([np.tile(ramp, (self.height, 1))] * 3, axis=-1).astype(np.uint8)
         image[..., 1] = image[..., 1].T if self.width == self.height else image[..., 1]
         start = time.perf_counter()
+        self.on_progress(LOAD_SHARE, "warming up")
         if not self.accel.enabled:
             self.process_batch([self.request(image)])
+            self.on_progress(1.0, "ready")
             self.warmup_seconds = time.perf_counter() - start
             log.info("%s warm-up frame: %.0f ms", self.name, self.warmup_seconds * 1000)
             return
@@ -385,6 +394,7 @@ class DiffusionProcessor(Processor):
                 self.process_batch([dataclasses.replace(self.request(image), use_controlnet=cn)] * size)
                 log.info("%s: batch %d, controlnet %s ready (%d/%d) in %.1f s", self.name, size,
                          "on" if cn else "off", i, len(shapes), time.perf_counter() - step)
+                self.on_progress(LOAD_SHARE + (1 - LOAD_SHARE) * i / len(shapes), f"{what}: {i}/{len(shapes)}")
         finally:
             self._warming = False
         if self.accel.uses_graphs:
