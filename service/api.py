@@ -305,8 +305,11 @@ async def set_config(stream_id: str, request: Request, key: str | None = None) -
         config = ds.change_config(stream, protocol.parse_config_changes(_json(body)))
     except ClientError as exc:
         return _client_error(exc)
-    ds.hub.tell_broadcaster(stream, protocol.config_reply(config.to_dict()))
-    return JSONResponse({"stream_id": stream_id, "config": config.to_dict()})
+    reply = protocol.config_reply(config.to_dict())
+    if (loading := ds.switching_to(stream)) is not None:
+        reply["loading"] = loading  # the processor asked for is loading; the stream keeps its own until then
+    ds.hub.tell_broadcaster(stream, reply)
+    return JSONResponse({"stream_id": stream_id, **{k: v for k, v in reply.items() if k != "type"}})
 
 
 def register_api(app: FastAPI) -> None:

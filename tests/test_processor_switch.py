@@ -88,8 +88,10 @@ def test_a_switch_loads_in_the_background_then_applies(tiny_env, tmp_path):
                 await bc.send(json.dumps({"type": "config", "processor_type": "standard", "num_steps": 2}))
                 reply = await recv_json(bc, "config")
                 assert reply["config"]["processor_type"] == "filter" and reply["loading"] == "standard"
-                # a prompt typed while it loads applies at once, and carries over to the switch
-                await bc.send(json.dumps({"type": "config", "prompt": "neon city"}))
+                # a prompt typed while it loads (here from the dock, over HTTP) applies at once, and carries over
+                posted = await asyncio.to_thread(httpx.post, f"{srv.http}/api/streams/sw/config",
+                                                 json={"prompt": "neon city"})
+                assert posted.json()["loading"] == "standard" and posted.json()["config"]["prompt"] == "neon city"
                 reply = await recv_json(bc, "config")
                 assert reply["config"]["prompt"] == "neon city" and reply["config"]["processor_type"] == "filter"
                 assert reply["loading"] == "standard"
