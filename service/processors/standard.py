@@ -56,15 +56,22 @@ class StandardProcessor(DiffusionProcessor):
 
     def conditioning(self, prompts: list[str]) -> torch.Tensor:
         """(B, 77, D) prompt embeddings; with CFG the negative prompt's copies come first: (2B, 77, D)."""
-        embeds = torch.cat([self.prompt_embeds(p) for p in prompts])
+        return self.conditioning_from([self.prompt_embeds(p) for p in prompts])
+
+    def conditioning_from(self, embeds: list[torch.Tensor]) -> torch.Tensor:
+        """`conditioning` of prompt embeddings (1, 77, D) already encoded: the stream batcher keeps each frame's own."""
+        prompted = torch.cat(embeds)
         if not self.uses_cfg:
-            return embeds
-        negative = self.prompt_embeds(self.negative_prompt).expand(len(prompts), -1, -1)
-        return torch.cat([negative, embeds])
+            return prompted
+        negative = self.prompt_embeds(self.negative_prompt).expand(len(embeds), -1, -1)
+        return torch.cat([negative, prompted])
 
     def control_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Depth once per frame; with CFG both halves of the batch see it (doubled once, not per step)."""
-        control = super().control_image(pixels)
+        return self.control_for_cfg(super().control_image(pixels))
+
+    def control_for_cfg(self, control: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) depth maps -> what `denoise` takes: both CFG halves see them."""
         return torch.cat([control, control]) if self.uses_cfg else control
 
     def denoise(self, sample: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
