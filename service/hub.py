@@ -157,6 +157,12 @@ class StreamHub:
             stream = self.streams[stream_id] = Stream(stream_id, self.default_config)
             stream.fps_bucket = TokenBucket(self.max_fps, self.burst)
             stream.pixel_bucket = TokenBucket(self.max_pixels_per_s, self.max_pixels_per_s)
+            # A newcomer starts level with the most-served live stream, not at zero: otherwise a flood of new stream
+            # ids, each with one frame, would always go ahead of the streams already live. Its usage decays (1 s),
+            # so on a busy server a real new stream waits about a second for its fair share.
+            now = time.monotonic()
+            live = [s.usage.now(now) for s in self.streams.values() if s is not stream and s.broadcaster is not None]
+            stream.usage.add(max(live, default=0.0), now)
             self.metrics.streams.set(len(self.streams))
         return stream
 

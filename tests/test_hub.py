@@ -142,11 +142,11 @@ def test_loading_a_processor_is_not_held_to_the_processing_timeout():
     class SlowLoadingEngine(Engine):
         loads = 0
 
-        def processor(self, processor_type):
+        def processor(self, processor_type, on_progress=None):
             if processor_type not in self.processors:
                 SlowLoadingEngine.loads += 1
                 _time.sleep(0.5)  # longer than the 0.2 s processing timeout below
-            return super().processor(processor_type)
+            return super().processor(processor_type, on_progress)
 
     async def main():
         config = StreamConfig(processor_type="identity", num_steps=1)
