@@ -114,6 +114,8 @@ CONTAINER_ENV = {
     "TORCHINDUCTOR_CACHE_DIR": f"{LOCAL_KERNELS}/inductor",
     "TRITON_CACHE_DIR": f"{LOCAL_KERNELS}/triton",
     "DREAMSTREAM_MAX_FRAME_BYTES": str(FRAME_BYTES),
+    # The pages are served from the app's own *.modal.run address (a Modal-owned name: no rebinding risk).
+    "DREAMSTREAM_ALLOWED_HOSTS": "*.modal.run",
     **FORWARDED_ENV,
 }
 # The gateway's scheduler: a round fills the pool once (a shard keeps the server's own batch, one GPU's).

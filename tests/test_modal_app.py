@@ -133,6 +133,7 @@ def test_region_gpu_and_settings_are_chosen_at_deploy_time():
     assert found["gpus"] == [["H100", 1]] and found["batch"] == "24"  # a round fills 3 GPUs' calls of 8
     assert not found["shard_batch"]  # a shard batches as one GPU does (the server's default)
     assert found["env"]["DREAMSTREAM_LIGHTNING_TINY_VAE"] == "1"  # deploy-time settings reach the containers
+    assert found["env"]["DREAMSTREAM_ALLOWED_HOSTS"] == "*.modal.run"  # the pages work from the app's address
     assert "DREAMSTREAM_STREAM_KEYS" not in found["env"] and "secret-key" not in json.dumps(found)
     fallbacks = import_in_subprocess("modal_app.Restyler().restyle.info().gpus", {"DREAMSTREAM_MODAL_GPU": "L40S,A100"})
     assert fallbacks == [["L40S", 1], ["A100", 1]]
