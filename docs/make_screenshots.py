@@ -1,4 +1,5 @@
-"""Regenerate the README screenshots in docs/images/: stream.png, overlay.png, compare.png, studio.png, dock.png.
+"""Regenerate the README screenshots in docs/images/: stream.png, stream.gif, overlay.png, compare.png, studio.png,
+dock.png.
 
     .venv/bin/python docs/make_screenshots.py [--out docs/images]
 
@@ -6,7 +7,8 @@ Runs a real server with the CPU `filter` processor, a synthetic test scene as th
 a Python broadcaster, and as Chromium's fake camera for the studio), and the same headless Chromium
 the browser tests use (tests/browser.py). stream.png is the README's first picture: the frame sent beside the
 OBS overlay page showing it styled with each of the studio's presets (a strip of real overlay screenshots, no
-mock-up). The overlay is shown over a checkerboard, the usual way to
+mock-up); stream.gif the overlay page while a moving scene streams and the style steps through the presets. The
+overlay is shown over a checkerboard, the usual way to
 picture transparency. The studio is shot at 1280x800 as the browser shows it (no scrolling: the prompt must
 be beside the preview), the dock at 350x700, a usual width for an OBS dock. Each PNG is shrunk to stay well
 under 300 KB.
@@ -127,6 +129,29 @@ def strip(http: str, ws: str, browser, frame: bytes, tile: tuple[int, int], path
     save(buf.getvalue(), path, sheet.width)
 
 
+def animation(http: str, ws: str, browser, tile: tuple[int, int], path: Path, seconds_per_style: float = 1.6) -> None:
+    """The overlay page (as OBS shows it) while a moving scene streams and the style steps through the presets:
+    an animated GIF, a few frames a second, each labelled with its preset."""
+    frames: list[Image.Image] = []
+    moving = lambda t: simplejpeg.encode_jpeg(scene(768, 432, t), quality=90, colorspace="RGB")  # noqa: E731
+    with FramePusher(ws, "demo-anim", moving(0.0), fps=15) as pusher, open_page(
+        browser, f"{http}/overlay/demo-anim?fit=cover", {"width": tile[0], "height": tile[1]}
+    ) as page:
+        wait_for_frames(page, at_least=5)
+        start = time.monotonic()
+        for name, prompt in PRESETS:
+            set_style(http, "demo-anim", prompt)
+            wait_for_frames(page, at_least=frames_drawn(page) + 8)
+            until = time.monotonic() + seconds_per_style
+            while time.monotonic() < until:
+                pusher.frame = moving(1.5 * (time.monotonic() - start))
+                shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+                frames.append(label(shot, name).quantize(96, method=Image.Quantize.MEDIANCUT, dither=0))
+                time.sleep(0.1)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=150, loop=0, optimize=True)
+    print(f"{path}: {tile[0]}x{tile[1]}, {len(frames)} frames, {path.stat().st_size // 1024} KB")
+
+
 def set_style(http: str, stream_id: str, prompt: str) -> None:
     """The `config` message over HTTP, as a Stream Deck button would send it."""
     body = json.dumps({"prompt": prompt}).encode()
@@ -150,6 +175,7 @@ def main() -> int:
             launch_chromium([f"--use-file-for-fake-video-capture={camera}"]) as browser,
         ):
             strip(srv.http, srv.ws, browser, wide, (400, 225), args.out / "stream.png")
+            animation(srv.http, srv.ws, browser, (480, 270), args.out / "stream.gif")
 
             with (
                 FramePusher(srv.ws, "demo", square, fps=15),
