@@ -155,3 +155,19 @@ def test_only_the_standard_processor():
 
     with pytest.raises(TypeError, match="standard"):
         StreamBatcher(object())
+
+
+def test_passes_are_padded_and_split_to_the_fast_paths_batch_sizes(tiny_env):
+    """With `compile` on, a pass is padded to one of `batch_sizes` (the CUDA graphs' shapes) and split past the
+    largest; padding copies are dropped and every frame stays exact (`graphs` on CPU: no graphs, same shapes)."""
+    proc = create_processor("standard", num_steps=6, width=64, height=64, compile="graphs", batch_sizes="1,2,4")
+    unet = CountCalls(proc.unet)
+    batcher = batcher_of(proc)
+    requests = [(FrameRequest(textured_frame(64, 64, seed=i), "a watercolor", 0.7, 6, i), f"s{i % 2}")
+                for i in range(6)]  # 5 steps each: up to 5 in flight, padded to 4 + 1 -> 4 + 1
+    out, depth = run_live(batcher, requests)
+    assert max(depth) == 5 and sorted(tag for tag, _ in out) == list(range(6))
+    assert set(unet.batches) <= {2, 4, 8}  # batch sizes 1, 2, 4 with CFG doubling
+    assert 8 in unet.batches and len(unet.batches) > batcher.passes  # 5 in flight: one pass, two calls
+    for tag, image in out:
+        assert levels(image, proc.process_batch([requests[tag][0]])[0]) <= MAX_LEVELS
