@@ -12,9 +12,10 @@ embeddings, depth map, per-stream noise (seed) and its own schedule (timesteps a
 strength) — so frames of different streams and configs share a batch. The timestep becomes a per-sample
 tensor (diffusers' UNet and ControlNet broadcast a (B,) timestep) and the Euler update takes per-sample
 sigmas; the arithmetic is that of `sample`, term for term (the per-frame scalars become fp32 tensors of the
-same values), so a frame's output equals `proc.process_batch([request])` up to the batch's rounding
-(tests/test_stream_batch.py, CPU fp32, tiny models, 24 frames of 3 configs: final latents within 1.3e-6
-relative, output at most 1 uint8 level off in 7 of 294,912 values, every other value identical).
+same values, kept on the device per schedule, so a pass copies nothing from the host), so a frame's output
+equals `proc.process_batch([request])` up to the batch's rounding (CPU fp32, tiny models, 24 frames of 3
+configs: final latents within 1.3e-6 relative, output at most 1 uint8 level off in 7 of 294,912 values,
+every other value identical; tests/test_stream_batch.py holds every frame to 1 level).
 
     batcher = StreamBatcher(proc)              # a StandardProcessor
     batcher.submit(request, tag, stream="a")   # encode, depth, prompt, noise: once, at batch 1
@@ -68,6 +69,7 @@ class InFlight:
     stream: Hashable
     x: torch.Tensor  # (1, C, h, w) fp32 latents at sigmas[step]
     schedule: Schedule
+    coef: torch.Tensor  # (steps, 5): `coefficients` of its schedule
     embeds: torch.Tensor  # (1, 77, D) its prompt's embeddings
     control: torch.Tensor | None  # (1, 3, H, W) its depth map, None without the ControlNet
     step: int = 0
@@ -78,22 +80,29 @@ class InFlight:
         return self.step == len(self.schedule.timesteps)
 
 
-def per_sample(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    """Python floats -> an fp32 (B, 1, 1, 1) tensor on `like`'s device: what `x * float` does with a scalar,
-    per sample (PyTorch casts a Python scalar to the tensor's fp32 before it multiplies or divides)."""
-    return torch.tensor(values, dtype=torch.float32).to(like.device).view(-1, *([1] * (like.ndim - 1)))
+COLUMNS = ("c_in", "sigma", "ratio", "v_scale", "v_denom")
 
 
-def predicted_x0_per_sample(output: torch.Tensor, sample: torch.Tensor, sigmas: list[float],
+def coefficients(schedule: Schedule, device: Any) -> torch.Tensor:
+    """(steps, 5) fp32 on the device: per step, the scalars `DiffusionProcessor.sample` and `predicted_x0` use
+    (sqrt(sigma^2 + 1), sigma, next sigma / sigma, v-prediction's -sigma / sqrt(sigma^2 + 1) and sigma^2 + 1),
+    each computed in Python floats as they compute it, then rounded to fp32 as PyTorch rounds a Python scalar
+    in `x * scalar`. Built once per schedule, so a pass copies nothing from the host (no sync per step)."""
+    sig = schedule.sigmas
+    rows = [[math.sqrt(s * s + 1), s, sig[i + 1] / s, -s / math.sqrt(s**2 + 1), s**2 + 1]
+            for i, s in enumerate(sig[:-1])]
+    return torch.tensor(rows, dtype=torch.float32).to(device)
+
+
+def predicted_x0_per_sample(output: torch.Tensor, sample: torch.Tensor, coef: dict[str, torch.Tensor],
                             prediction_type: str) -> torch.Tensor:
-    """`schedule.predicted_x0` with one sigma per sample, each coefficient computed as it computes it."""
+    """`schedule.predicted_x0` with one sigma per sample (`coef`: (B, 1, 1, 1) columns of `coefficients`)."""
     if prediction_type == "epsilon":
-        return sample - per_sample(sigmas, sample) * output
+        return sample - coef["sigma"] * output
     if prediction_type == "sample":
         return output
     if prediction_type == "v_prediction":
-        scale = per_sample([-s / math.sqrt(s**2 + 1) for s in sigmas], sample)
-        return output * scale + sample / per_sample([s**2 + 1 for s in sigmas], sample)
+        return output * coef["v_scale"] + sample / coef["v_denom"]
     raise ValueError(f"prediction_type {prediction_type!r} is not supported")
 
 
@@ -109,6 +118,7 @@ class StreamBatcher:
         self.proc = proc
         self._active: list[InFlight] = []  # denoising, in submission order
         self._streams: dict[Hashable, deque[InFlight]] = {}  # each stream's frames not yet returned, in order
+        self._coefficients: dict[tuple[int, int], torch.Tensor] = {}  # (num_steps, run) -> its `coefficients`
         self.passes = 0  # batched model passes run (the UNet+ControlNet calls, before any split by batch size)
 
     @property
@@ -133,7 +143,10 @@ class StreamBatcher:
             if request.use_controlnet:
                 proc.ensure_controlnet()
                 control = proc.estimate_depth(pixels)
-            frame = InFlight(tag, stream, latents + schedule.sigmas[0] * noise, schedule,
+            key = (request.num_steps, run)
+            if key not in self._coefficients:
+                self._coefficients[key] = coefficients(schedule, latents.device)
+            frame = InFlight(tag, stream, latents + schedule.sigmas[0] * noise, schedule, self._coefficients[key],
                              proc.prompt_embeds(request.prompt), control)
         self._active.append(frame)
         self._streams.setdefault(stream, deque()).append(frame)
@@ -174,18 +187,18 @@ class StreamBatcher:
             part = frames[start:stop]
             padded = part + [part[-1]] * (size - len(part))  # static shapes for the graphs; outputs dropped
             x = torch.cat([f.x for f in padded])
-            sigmas = [f.schedule.sigmas[f.step] for f in padded]
-            ratios = [f.schedule.sigmas[f.step + 1] / f.schedule.sigmas[f.step] for f in padded]
+            rows = torch.stack([f.coef[f.step] for f in padded])  # (B, 5) on the device
+            coef = {name: rows[:, i].view(-1, 1, 1, 1) for i, name in enumerate(COLUMNS)}
             kinds = {f.schedule.prediction_type for f in padded}
             assert len(kinds) == 1, f"one processor, one prediction type: {kinds}"
-            model_in = (x / per_sample([math.sqrt(s * s + 1) for s in sigmas], x)).to(proc.dtype)
+            model_in = (x / coef["c_in"]).to(proc.dtype)
             t = torch.stack([f.schedule.timesteps[f.step] for f in padded])
             cond = proc.conditioning_from([f.embeds for f in padded])
             control = None if padded[0].control is None else proc.control_for_cfg(
                 torch.cat([f.control for f in padded]))
             output = proc.denoise(model_in, t, cond, control).float()
-            x0 = predicted_x0_per_sample(output, x, sigmas, kinds.pop())
-            x = x0 + per_sample(ratios, x) * (x - x0)
+            x0 = predicted_x0_per_sample(output, x, coef, kinds.pop())
+            x = x0 + coef["ratio"] * (x - x0)
             for i, frame in enumerate(part):
                 frame.x = x[i:i + 1]
                 frame.step += 1
