@@ -133,6 +133,21 @@ def test_flush_finishes_every_frame_in_flight(standard):
         assert levels(image, standard.process_batch([request])[0]) <= MAX_LEVELS
 
 
+def test_abandon_drops_a_streams_frames_and_the_rest_stay_exact(standard):
+    batcher = batcher_of(standard)
+    requests = [FrameRequest(textured_frame(64, 64, seed=i), "a watercolor", 0.7, 4, i) for i in range(4)]
+    for i, request in enumerate(requests):
+        batcher.submit(request, i, stream="gone" if i % 2 else "stays")
+    batcher.step()
+    assert batcher.abandon("gone") == [1, 3] and batcher.in_flight == 2
+    out = batcher.flush()
+    assert [tag for tag, _ in out] == [0, 2]
+    for tag, image in out:
+        assert levels(image, standard.process_batch([requests[tag]])[0]) <= MAX_LEVELS
+    batcher.submit(requests[0], "again")
+    assert batcher.abandon() == ["again"] and batcher.in_flight == 0 and batcher.step() == []
+
+
 def test_config_change_leaves_frames_in_flight_on_their_own_config(standard):
     """A stream changes prompt, steps and strength mid-flight: the frames already in flight finish with the
     config they started with, the later ones use the new one, and the stream gets them back in order even

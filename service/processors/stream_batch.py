@@ -21,6 +21,7 @@ every other value identical; tests/test_stream_batch.py holds every frame to 1 l
     batcher.submit(request, tag, stream="a")   # encode, depth, prompt, noise: once, at batch 1
     done = batcher.step()                      # one batched pass; [(tag, (H, W, 3) uint8), ...] that finished
     rest = batcher.flush()                     # step until nothing is in flight (a stream that stops sending)
+    tags = batcher.abandon("a")                # drop a closed stream's frames (or all, after a failed step)
 
 Order: a stream's frames come back in the order they were submitted. After a live config change a later
 frame may need fewer steps than the frames still in flight before it; it is held until they are out, so
@@ -176,6 +177,16 @@ class StreamBatcher:
         while self._active:
             out += self.step(on_device)
         return out + self._release(on_device)
+
+    def abandon(self, stream: Hashable = ...) -> list[Any]:
+        """Take frames out without finishing them: those of `stream` (a stream that closed), or all (after a
+        failed `step()`: the caller fails their frames, and the batcher is empty and usable again). Returns
+        their tags, in submission order."""
+        streams = list(self._streams) if stream is ... else [stream]
+        dropped = [f for s in streams for f in self._streams.pop(s, ())]
+        gone = {id(f) for f in dropped}
+        self._active = [f for f in self._active if id(f) not in gone]
+        return [f.tag for f in dropped]
 
     # --- the batched pass ---------------------------------------------------------------------------
 
