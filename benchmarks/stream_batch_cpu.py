@@ -10,7 +10,8 @@ streams k (`--streams 1,2`), one "round" is what a live server does when each of
 - pipelined: `StreamBatcher` (service/processors/stream_batch.py): the k frames are submitted and one `step()`
   runs, one batched UNet+ControlNet pass over the k x 18 frames in flight (2 x that with CFG); after 18 rounds
   to fill the pipeline, k finished frames come out of each round, and a frame's latency is ~18 rounds.
-Reported per k: rounds/s, frames/s in total and per stream, median and p90 latency (submit to styled frame),
+Reported per k: round time, frames/s in total and per stream, median and p90 latency (submit to styled frame;
+pipelined: of the frames submitted after the fill and warm-up rounds, so no slow first round counts),
 the in-flight count and the passes per round, and `max_levels`: the largest uint8 difference between a
 pipelined frame and the sequential loop's frame for the same request (0-1 on CPU fp32; fp16 and other batch
 shapes on the GPU round differently: report it). The models: tests/tiny_models.py's (CPU), or with `--real`
@@ -95,12 +96,13 @@ def pipelined(args: argparse.Namespace, proc: Any, images: list[Any], streams: i
     latencies: list[float] = []
     outputs: list[tuple[int, Any]] = []
     fill = depth + args.warm
-    total = fill + args.rounds
+    rounds = max(args.rounds, depth + 6)
+    total = fill + rounds
     timed_start, done_timed, in_flight = 0.0, 0, 0
     for r in range(total):
         if r == fill:
             sync(args.device)
-            timed_start, latencies, done_timed = time.perf_counter(), [], 0
+            timed_start, done_timed = time.perf_counter(), 0
         for k, request in enumerate(requests_of(args, images, streams, r)):
             tag = r * streams + k
             submitted[tag], sent[tag] = time.perf_counter(), request
@@ -108,10 +110,11 @@ def pipelined(args: argparse.Namespace, proc: Any, images: list[Any], streams: i
         in_flight = batcher.in_flight
         finished = batcher.step()  # numpy on the host: the copy waits for the GPU
         now = time.perf_counter()
-        latencies += [now - submitted[tag] for tag, _ in finished]
+        # latency of the frames that lived their whole life in the timed, steady-state rounds
+        latencies += [now - submitted[tag] for tag, _ in finished if tag >= fill * streams]
         if r >= fill:
             done_timed += len(finished)
-        if len(outputs) < args.check:
+        if r >= fill and len(outputs) < args.check:  # frames of full, steady-state batches
             outputs += finished[:args.check - len(outputs)]
     elapsed = time.perf_counter() - timed_start
     passes_per_round = batcher.passes / total
@@ -121,7 +124,7 @@ def pipelined(args: argparse.Namespace, proc: Any, images: list[Any], streams: i
         [reference] = proc.process_batch([sent[tag]])
         worst = max(worst, int(abs(image.astype("int16") - reference.astype("int16")).max()))
     lat = sorted(latencies)
-    return {"rounds": args.rounds, "round_ms": round(elapsed / args.rounds * 1000, 2),
+    return {"rounds": rounds, "round_ms": round(elapsed / rounds * 1000, 2), "latency_frames": len(lat),
             "fps_total": round(done_timed / elapsed, 2), "fps_per_stream": round(done_timed / elapsed / streams, 2),
             "latency_p50_ms": round(statistics.median(lat) * 1000, 2),
             "latency_p90_ms": round(lat[int(0.9 * (len(lat) - 1))] * 1000, 2),
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", default="1,2", help="comma-separated stream counts")
     parser.add_argument("--vae", choices=("vae", "taesd"), default="vae")
     parser.add_argument("--compile", help="the processor's compile option (default: graphs on CUDA, off on CPU)")
-    parser.add_argument("--rounds", type=int, help="timed rounds per case (default 6 CPU, 60 CUDA)")
+    parser.add_argument("--rounds", type=int, help="timed rounds per case (default: 6 CPU, 60 CUDA; the pipelined "
+                        "case runs at least run_steps + 6, so frames submitted in timed rounds come out in them)")
     parser.add_argument("--warm", type=int, default=2, help="untimed rounds first (after the pipeline's fill)")
     parser.add_argument("--check", type=int, default=4, help="pipelined frames compared with the sequential loop")
     parser.add_argument("--out", default="/tmp/stream_batch.json")
