@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from service.processors import FrameRequest
 from service.processors.models import ModelUnavailableError
@@ -328,3 +329,29 @@ def test_depth_model_choice(tiny_models):
     assert is_midas(model_source("standard", "depth_model", "lllyasviel/Annotators"))
     assert not is_midas(model_source("standard", "depth_model", "depth-anything/Depth-Anything-V2-Small-hf"))
     assert not is_midas(model_source("standard", "depth_model", str(tiny_models["depth"])))
+
+
+def test_a_half_precision_processor_reads_the_fp16_files_where_a_folder_has_them(tiny_env, tiny_models, tmp_path):
+    """A base model whose UNet exists only as diffusion_pytorch_model.fp16.safetensors (what
+    service/processors/downloads.py fetches from repos that ship both): an fp16 processor loads it, an fp32 one
+    looks for the default file, and says which is missing."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from service.processors.models import has_variant
+
+    base = tmp_path / "sd15-fp16"
+    shutil.copytree(tiny_models["sd15"], base)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    shutil.rmtree(base / "unet")
+    unet.half().save_pretrained(base / "unet", variant="fp16")
+    assert has_variant(str(base), "unet", "fp16") and not has_variant(str(base), "vae", "fp16")
+    assert not (base / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+    proc = create_processor("standard", base_model=str(base), dtype="fp16", num_steps=2, use_controlnet=False, **SIZE)
+    assert proc.unet.dtype == torch.float16
+    for name, value in proc.unet.state_dict().items():
+        assert torch.equal(value, unet.state_dict()[name].half()), name
+    with pytest.raises(ModelUnavailableError, match="base_model"):
+        create_processor("standard", base_model=str(base), dtype="fp32", num_steps=2, use_controlnet=False, **SIZE)

@@ -253,7 +253,10 @@ def test_download_models_runs_locally_with_progress(monkeypatch, tmp_path, capsy
     out = capsys.readouterr().out
     assert f"[1/{len(fetched)}]" in out and f"[{len(fetched)}/{len(fetched)}]" in out and "done in" in out
     # exact file lists, chosen from each repo's listing: the files the processors load and nothing else
-    assert "unet/diffusion_pytorch_model.safetensors" in fetched["stable-diffusion-v1-5/stable-diffusion-v1-5"]
+    # the GPU processors run in fp16 and read the fp16 files where a repo has them: only those are fetched
+    sd15 = fetched["stable-diffusion-v1-5/stable-diffusion-v1-5"]
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in sd15
+    assert "unet/diffusion_pytorch_model.safetensors" not in sd15
     assert not any(f.endswith(".bin") for files in fetched.values() for f in files)
 
 

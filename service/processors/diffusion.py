@@ -41,6 +41,7 @@ from service.processors.depth import load_depth_estimator
 from service.processors.models import (
     ModelSource,
     check_available,
+    has_variant,
     load_model,
     model_source,
     resolve_device_dtype,
@@ -171,8 +172,14 @@ class DiffusionProcessor(Processor):
         kwargs: dict[str, Any] = {"subfolder": subfolder} if subfolder else {}
         if dtype_kw:
             kwargs[dtype_kw] = dtype or self.dtype
-        part = load_model(source, lambda ref, local: cls.from_pretrained(ref, local_files_only=local, **kwargs),
-                          what=subfolder or "")
+
+        def load(ref: str, local: bool) -> Any:
+            # a half-precision processor reads a folder's fp16 files where it has them (half the bytes to fetch
+            # and read; service/processors/downloads.py fetches only those), else its default files
+            variant = {"variant": "fp16"} if self.dtype == torch.float16 and has_variant(ref, subfolder, "fp16") else {}
+            return cls.from_pretrained(ref, local_files_only=local, **kwargs, **variant)
+
+        part = load_model(source, load, what=subfolder or "")
         if isinstance(part, torch.nn.Module):
             part = part.to(self.device).eval().requires_grad_(False)
         self._parts_loaded += 1  # about 8 parts (tokenizers, text encoders, UNet, VAE, ControlNet, depth): 60 %

@@ -14,10 +14,10 @@ repo only the parts a processor loads are fetched:
 Precision: many repos ship each weight twice, `name.safetensors` (fp32) and `name.fp16.safetensors`.
 `select_files(repo_files, patterns, variant)` keeps, folder by folder, the `variant` file where the repo
 has one and the default file elsewhere; `variant=None` keeps only the default files. `LOADED_VARIANT` is
-the precision the processors load today: default files (`DiffusionProcessor.load_component` passes no
-`variant=` to `from_pretrained`, which then reads only `name.safetensors`). Setting it to "fp16" halves
-what the diffusion repos cost to fetch and to read at each cold start, once the loaders pass
-`variant="fp16"` where the folder has such a file.
+the precision the processors load: a half-precision processor passes `variant="fp16"` to `from_pretrained`
+wherever the folder has such files (`DiffusionProcessor.load_component`, `models.has_variant`), so fetching
+only those halves what the diffusion repos cost to download and to read at each cold start. (An fp32
+processor, e.g. on a CPU, then needs the repos' default files: download with variant=None for it.)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-LOADED_VARIANT: str | None = None
+LOADED_VARIANT: str | None = "fp16"
 BASE_MODEL_PARTS: dict[str, tuple[str, ...]] = {
     "standard": ("text_encoder", "unet", "vae"),
     "lightning": ("text_encoder", "text_encoder_2"),

@@ -268,3 +268,20 @@ def resolve_device_dtype(device: Any = None, dtype: Any = None) -> tuple[Any, An
             raise ValueError(f"dtype must be one of fp16, bf16, fp32, got {dtype!r}")
         dtype = names[str(dtype).lower()]
     return device, dtype, why
+
+
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' weight files
+
+
+def has_variant(ref: str, subfolder: str | None, variant: str) -> bool:
+    """Whether a model folder (a local path, or a hub id in the Hugging Face cache) holds `variant` weights, e.g.
+    `unet/diffusion_pytorch_model.fp16.safetensors` (or its sharded index): then those are loaded, half the bytes."""
+    names = [f"{name}.{variant}.safetensors" for name in WEIGHT_NAMES]
+    names += [f"{name}.safetensors.index.{variant}.json" for name in WEIGHT_NAMES]
+    if Path(ref).expanduser().is_dir():
+        folder = Path(ref).expanduser() / (subfolder or "")
+        return any((folder / name).is_file() for name in names)
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(ref, f"{subfolder}/{name}" if subfolder else name), str)
+               for name in names)
