@@ -173,7 +173,8 @@ def test_process_flood_stays_below_the_live_streams(server):
     # with no stream live, one-shots run back to back
     started = time.monotonic()
     for i in range(3):
-        r = post(f"{server.http}/api/process", gradient_jpeg((320, 240), seed=i), headers={"content-type": "image/jpeg"})
+        r = post(f"{server.http}/api/process", gradient_jpeg((320, 240), seed=i),
+                 headers={"content-type": "image/jpeg"})
         assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
     assert time.monotonic() - started < 3.0
 
