@@ -21,9 +21,11 @@ $(BIN)/python:
 # serve: the core and the OBS companion; the diffusion stack too when a CUDA GPU is present
 $(VENV)/.serve-installed: pyproject.toml constraints.txt | $(BIN)/python
 ifeq ($(HAVE_GPU),1)
-	$(INSTALL) -e '.[diffusion,obs]'
+	@echo "installing the server with the diffusion stack (a few minutes the first time)..."
+	@$(INSTALL) -q -e '.[diffusion,obs]'
 else
-	$(INSTALL) -e '.[obs]'
+	@echo "installing the server (no GPU found: the CPU filter processor)..."
+	@$(INSTALL) -q -e '.[obs]'
 endif
 	touch $@
 

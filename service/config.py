@@ -66,10 +66,10 @@ PROCESSORS: dict[str, ProcessorKind] = {
                       "a painterly CPU filter: no GPU, no weights", batches=False),
         ProcessorKind("standard", "service.processors.standard:StandardProcessor", 25,
                       "Stable Diffusion 1.5 img2img + depth ControlNet: the quality mode", diffusion=True,
-                      env_options=_MODEL_OPTIONS + RUNTIME_OPTIONS),
+                      env_options=_MODEL_OPTIONS + ("tiny_encoder",) + RUNTIME_OPTIONS),
         ProcessorKind("lightning", "service.processors.lightning:LightningProcessor", 4,
                       "SDXL-Lightning, 1-8 steps: the live mode", steps=(1, 2, 4, 8), diffusion=True,
-                      env_options=_MODEL_OPTIONS + ("lightning_unet",) + RUNTIME_OPTIONS),
+                      env_options=_MODEL_OPTIONS + ("lightning_unet", "tiny_encoder") + RUNTIME_OPTIONS),
         ProcessorKind("identity", "service.processors.base:IdentityProcessor", 1,
                       "frames unchanged (tests and relay benchmarks)", offered=False, env_options=("test_faults",)),
     )

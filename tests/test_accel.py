@@ -189,7 +189,7 @@ def test_tiny_encoder_encodes_with_taesd_and_decodes_with_the_full_vae(tiny_env,
     default = create_processor("lightning", num_steps=2, use_controlnet=False, **SIZE)
     assert default.describe()["vae_encoder"] == "vae"  # on CPU the default is the full VAE's encoder
     with pytest.raises(ValueError, match="tiny_encoder"):
-        create_processor("lightning", num_steps=2, use_controlnet=False, tiny_encoder="yes", **SIZE)
+        create_processor("lightning", num_steps=2, use_controlnet=False, tiny_encoder="maybe", **SIZE)
 
     _fake_hub_cache(tmp_path, "madebyollin/taesdxl", tiny_models["taesdxl"])
     proc = create_processor("lightning", num_steps=2, use_controlnet=False, tiny_encoder=True, **SIZE)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from service.config import parse_flag
 from service.processors.models import load_model, model_source
 
 log = logging.getLogger("dreamstream.processors")
@@ -70,9 +71,8 @@ def load_encoder(proc: Any) -> None:
     """
     proc.encoder_vae, proc.encoder_dtype = proc.vae, proc.vae_dtype
     proc.encoder_scale, proc.encoder_shift = proc.latent_scale, proc.latent_shift
-    value = proc.options.get("tiny_encoder")
-    if value is not None and not isinstance(value, bool):
-        raise ValueError(f"tiny_encoder must be True or False, got {value!r}")
+    raw = proc.options.get("tiny_encoder")
+    value = None if raw is None else parse_flag(raw, "tiny_encoder")  # True/False, or 1/0, on/off (env, --option)
     if proc.sources["tiny_vae"] is not None:
         return  # the tiny VAE does both already
     wanted = value if value is not None else (proc.tiny_encoder_default and str(proc.device).startswith("cuda"))
