@@ -27,6 +27,7 @@ from service.engine import FrameJob
 from service.gpu_pool import GpuPool
 from service.processors.downloads import download_patterns, select_files
 from tests.helpers import ROOT, gradient_jpeg, mean_rgb, solid_jpeg
+from tests.test_downloads import SD15_LISTING
 
 pytest_plugins = ["tests.fixtures_diffusion"]  # tiny_models, tiny_env
 # `.local()` says the volume is not mounted here; the tests know
@@ -224,15 +225,6 @@ def test_the_gpu_image_build_fails_when_gui_opencv_creeps_in(tmp_path):
 
 # ---- what is downloaded -------------------------------------------------------------------------
 
-SD15_LISTING = [  # the shape of stable-diffusion-v1-5's file list on the hub
-    "model_index.json", "v1-5-pruned.safetensors", "v1-5-pruned-emaonly.fp16.safetensors",
-    "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
-    "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model.bin",
-    "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
-    "text_encoder/pytorch_model.bin", "tokenizer/vocab.json", "tokenizer/merges.txt",
-    "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
-    "safety_checker/model.safetensors", "safety_checker/model.fp16.safetensors", "scheduler/scheduler_config.json",
-]
 
 
 def test_download_models_runs_locally_with_progress(monkeypatch, tmp_path, capsys):
