@@ -225,8 +225,7 @@ def import_diffusion_stack(processor: str) -> None:
     """Import torch, diffusers, transformers and the processor's module: ~20,000 files, no GPU touched.
 
     Run in `@modal.enter(snap=True)`, so Modal's memory snapshot holds the imported modules and a restored
-    container starts past them. The weights cannot be snapshotted yet: a processor loads them straight to
-    its device and has no public way to move to the GPU later (see README, Deploy on Modal, cold start).
+    container starts past them (and past the weights: `load_on_cpu`).
     """
     from service.processors import processor_class
 
@@ -239,6 +238,48 @@ def import_diffusion_stack(processor: str) -> None:
         processor_class(processor)
     log.info("imports for the %s processor: %.1f s (restored from the snapshot from now on)", processor,
              time.monotonic() - started)
+
+
+def load_on_cpu(settings: Settings, processor: str):
+    """Before the snapshot: the default processor built on the CPU as the Engine builds it, in the dtype it runs in
+    on the GPU (fp16 unless `dtype` is set: the volume's files), for the snapshot to hold. None for the filter, or
+    when the weights are missing (logged, with what to run)."""
+    if processor not in ("standard", "lightning"):
+        return None
+    from service.processors import create_processor
+
+    started, cfg, options = time.monotonic(), settings.stream_defaults(processor), settings.processor_options
+    options = {**options.get(processor, {}), "device": "cpu"}
+    options["dtype"] = options.get("dtype") or (None if modal.is_local() else "fp16")  # local: the CPU's own (tests)
+    try:
+        proc = create_processor(processor, style_prompt=cfg.prompt, strength=cfg.strength, seed=cfg.seed,
+                                use_controlnet=cfg.use_controlnet, **options)
+    except Exception as exc:  # the first deploy, before download_models: the container still starts and says so
+        log.error("%s weights not in the snapshot: %s; run `modal run modal_app.py::download_models`, then redeploy",
+                  processor, exc)
+        return None
+    log.info("%s weights on the CPU in %.1f s (in the memory snapshot)", processor, time.monotonic() - started)
+    return proc
+
+
+def on_gpu(proc, processor: str):
+    """After the restore: the snapshot's processor copied to the GPU and warmed up (CUDA graphs); None without one or
+    when that fails (logged: the Engine then loads it from the volume, as without a snapshot)."""
+    if proc is None:
+        return None
+    import torch
+
+    try:
+        started = time.monotonic()
+        proc.to("cuda" if torch.cuda.is_available() else "cpu")  # the CPU only when run locally (tests)
+        moved = time.monotonic()
+        proc.warmup()
+        log.info("%s weights to %s in %.1f s, warmed up in %.1f s", processor, proc.device, moved - started,
+                 time.monotonic() - moved)
+        return proc
+    except Exception:
+        log.exception("the snapshot's %s processor could not move to the GPU; loading it from the volume", processor)
+        return None
 
 
 def seed_kernels() -> None:
@@ -268,7 +309,7 @@ GPU_OPTIONS = dict(
     cpu=4.0,  # the thread driving the GPU, JPEG decode/encode (~1.4 ms a 512 px frame), compile workers
     memory=GPU_MEMORY_MIB,
     region=REGION,
-    enable_memory_snapshot=True,  # imports restored from a snapshot (import_diffusion_stack)
+    enable_memory_snapshot=True,  # imports and weights restored from a snapshot (import_diffusion_stack, load_on_cpu)
     startup_timeout=GPU_STARTUP_S,
 )
 
@@ -290,17 +331,22 @@ GPU_OPTIONS = dict(
 class Restyler:
     @modal.enter(snap=True)
     def prepare(self) -> None:
-        """Before the snapshot: settings, the Engine (no processor yet) and the heavy imports."""
+        """Before the snapshot: settings, the Engine, the heavy imports and the default processor on the CPU."""
         logging.basicConfig(level=logging.INFO)
         self.processor = pool_processor(modal_settings())
         self.engine = make_engine(modal_settings(), self.processor)
         import_diffusion_stack(self.processor)
+        self.loaded = load_on_cpu(modal_settings(), self.processor)
 
     @modal.enter()
     def load(self) -> None:
-        """After restore, on the GPU: the kernels for this GPU, then load and warm the default processor."""
+        """After restore: the kernels for this GPU, then the default processor on the GPU, warmed up."""
         seed_kernels()
-        try:
+        ready, self.loaded = on_gpu(self.loaded, self.processor), None
+        if ready is not None:
+            self.engine.processors[self.processor] = ready
+            return
+        try:  # no snapshot of the weights: loaded from the volume, as `dreamstream serve` loads it
             self.engine.processor(self.processor)
         except Exception as exc:  # frames will carry the message; the container stays up to say it
             log.error("%s; is the volume filled? `modal run modal_app.py::download_models`", exc)
@@ -370,20 +416,25 @@ def web() -> FastAPI:
 class Shard:
     @modal.enter(snap=True)
     def prepare(self) -> None:
-        """Before the snapshot: the heavy imports (the processor loads in the app's worker thread, after)."""
+        """Before the snapshot: the heavy imports and the default processor on the CPU."""
         logging.basicConfig(level=logging.INFO)
         self.processor = pool_processor(modal_settings())
         import_diffusion_stack(self.processor)
+        self.ready = load_on_cpu(modal_settings(), self.processor)
 
     @modal.enter()
     def kernels(self) -> None:
+        """After restore: the kernels for this GPU, then the default processor on the GPU, warmed up."""
         seed_kernels()
+        self.ready = on_gpu(self.ready, self.processor)
 
     @modal.asgi_app()
     def web(self) -> FastAPI:
-        """The whole server: pages, sockets and the processor (loaded by the app's lifespan, as locally)."""
+        """The whole server: pages, sockets and the processor (without a snapshot's, loaded by the app's lifespan)."""
         settings = modal_settings()  # after the restore: the keys as the secret holds them now
         engine = make_engine(settings, self.processor)
+        if self.ready is not None:
+            engine.processors[self.processor] = self.ready
         reason = f"Modal shard {shard_app.name} ({GPU_LABEL}): the {self.processor} processor on this container"
         return create_app(settings, LocalBackend(engine, self.processor, reason, settings.processing_timeout_s))
 

@@ -330,3 +330,35 @@ def test_gpu_class_enter_and_batch_run_locally(monkeypatch):
     assert np.ptp(grey) < 12, "the noir stream's own prompt was not used"
     assert warm[0] > warm[1] + 50 and same[0] > same[1] + 100
     assert isinstance(broken, FrameError) and broken.code == "bad_frame"
+
+
+# ---- the weights in the memory snapshot ----------------------------------------------------------------
+
+def tiny_lightning_jobs() -> list[FrameJob]:
+    frame = gradient_jpeg((96, 72))
+    return [FrameJob(name, frame, StreamConfig(prompt=prompt, processor_type="lightning", num_steps=2, seed=seed))
+            for name, prompt, seed in (("a", "a watercolor", 1), ("b", "neon city", 2))]
+
+
+def test_gpu_class_serves_the_processor_its_snapshot_loaded_on_the_cpu(tiny_env, monkeypatch, caplog):
+    """`prepare` (snap=True) builds the processor on the CPU, `load` (after the restore) moves it to the device and
+    warms it up: the frames are those of a processor loaded as `dreamstream serve` loads it."""
+    for name, value in {"PROCESSOR": "lightning", "WIDTH": "64", "HEIGHT": "64"}.items():
+        monkeypatch.setenv(f"DREAMSTREAM_{name}", value)
+    caplog.set_level("INFO", logger="dreamstream.modal")
+    a, b = modal_app.Restyler().restyle.local(tiny_lightning_jobs())  # both enter hooks, then one call
+    assert isinstance(a, bytes) and a[:2] == b"\xff\xd8" and a != b, (a, b)
+    stages = [r.getMessage() for r in caplog.records if r.name == "dreamstream.modal"]
+    assert any("weights on the CPU in" in m for m in stages) and any("weights to cpu in" in m for m in stages), stages
+    served = modal_app.make_engine(modal_app.modal_settings(), "lightning").run(tiny_lightning_jobs())
+    assert [a, b] == served  # the same JPEG bytes
+
+
+def test_without_weights_the_snapshot_holds_none_and_the_log_says_what_to_run(tiny_env, monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv("DREAMSTREAM_LIGHTNING_BASE_MODEL", str(tmp_path / "not-downloaded"))
+    monkeypatch.setenv("DREAMSTREAM_PROCESSOR", "lightning")
+    assert modal_app.load_on_cpu(modal_app.modal_settings(), "lightning") is None
+    assert "modal run modal_app.py::download_models" in caplog.text
+    assert modal_app.load_on_cpu(modal_app.modal_settings(), "filter") is None  # nothing to hold
+    (a, _) = modal_app.Restyler().restyle.local(tiny_lightning_jobs())  # the container still starts, and says why
+    assert isinstance(a, Exception) and "not-downloaded" in str(a)

@@ -33,7 +33,11 @@ from service.config import Settings
 from service.engine import FrameJob
 from tests.helpers import ROOT, free_port, mean_rgb, solid_jpeg
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*executing locally:UserWarning")  # no volume mounted here
+pytest_plugins = ["tests.fixtures_diffusion"]  # tiny_models, tiny_env
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*executing locally:UserWarning"),  # no volume mounted here
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # diffusers + numpy 2
+]
 PICKLE_PROTOCOL = 4  # what Modal's cloudpickle writes; for importable classes its bytes are pickle's
 OFFLINE_ENV = {  # a process of its own: no Modal token, no Modal server, no deploy-time settings of this shell
     **{k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "DREAMSTREAM_"))},
@@ -174,6 +178,22 @@ def test_shard_serves_its_streams_sockets_from_its_own_backend(monkeypatch):
                             lambda got: min(len(v) for v in got.values()) >= 3)
         assert all(np.ptp(rgb) < 12 for rgb in got["noir"])
         assert all(rgb[0] > rgb[1] + 50 for rgb in got["paint"])
+
+
+def test_shard_serves_the_processor_its_snapshot_loaded_on_the_cpu(tiny_env, monkeypatch):
+    """The diffusion processor built on the CPU before the snapshot, moved and warmed after it, is the one the shard's
+    server uses: ready when the server starts (no load in its lifespan), styling frames."""
+    for name, value in {"PROCESSOR": "lightning", "WIDTH": "64", "HEIGHT": "64"}.items():
+        monkeypatch.setenv(f"DREAMSTREAM_{name}", value)
+    app = modal_app.Shard().web.local()
+    with serve(app) as base:
+        health = json.loads(get(f"http://{base}/healthz"))  # no "loading": the processor came ready
+        assert (health["status"], health["processor"], health["device"]) == ("ok", "lightning", "cpu"), health
+        red = solid_jpeg((220, 40, 40))
+        request = urllib.request.Request(f"http://{base}/api/process", data=red, headers={"Content-Type": "image/jpeg"})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            styled = resp.read()
+        assert resp.headers["content-type"] == "image/jpeg" and styled[:2] == b"\xff\xd8" and styled != red
 
 
 def test_a_stopping_shard_closes_its_sockets_with_1001(tmp_path):

@@ -72,6 +72,11 @@ class TransformersDepth:
         log.info("depth_model: %s on %s/%s at %d px (short side)", source.describe(), device,
                  str(dtype).removeprefix("torch."), self.short_side)
 
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Move the model and its normalisation to `device` in `dtype` (DiffusionProcessor.to)."""
+        self.model.to(device=device, dtype=dtype)
+        self.mean, self.std, self.dtype = self.mean.to(device, dtype), self.std.to(device, dtype), dtype
+
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 3, H, W) depth in [0, 1]."""
         size = _input_size(pixels.shape[-2], pixels.shape[-1], self.short_side, self.multiple)
@@ -91,6 +96,11 @@ class MidasDepth:
         self.dtype = dtype
         log.info("depth_model: MiDaS DPT-Hybrid %s on %s/%s", source.describe(), device,
                  str(dtype).removeprefix("torch."))
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Move the model to `device` in `dtype` (DiffusionProcessor.to)."""
+        self.model.to(device=device, dtype=dtype)
+        self.dtype = dtype
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         size = _input_size(pixels.shape[-2], pixels.shape[-1], 384, 32)

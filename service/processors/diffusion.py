@@ -35,8 +35,9 @@ import torch
 from service.codec import fit_to
 from service.config import parse_flag
 from service.processors import gpu_jpeg
-from service.processors.accel import CAPTURE_LOCK, Accelerator
+from service.processors.accel import CAPTURE_LOCK
 from service.processors.base import FrameRequest, Processor
+from service.processors.compile_options import parse_batch_sizes, parse_mode
 from service.processors.depth import load_depth_estimator
 from service.processors.models import (
     ModelSource,
@@ -46,6 +47,7 @@ from service.processors.models import (
     model_source,
     resolve_device_dtype,
 )
+from service.processors.placement import memory_note, move_models, set_up_fast_path
 from service.processors.schedule import Schedule, predicted_x0, steps_to_run
 from service.processors.vae import load_encoder, load_vae
 
@@ -142,21 +144,27 @@ class DiffusionProcessor(Processor):
         skip = ({"controlnet_model", "depth_model"} if not self.use_controlnet else set()) | (
             {"vae_model"} if self.sources["tiny_vae"] is not None else set())
         check_available([s for name, s in self.sources.items() if s is not None and name not in skip])
-        self.accel = Accelerator.from_options(options.get("compile"), options.get("batch_sizes"), self.device)
-        # nvJPEG: Engine hands this processor frames decoded on the GPU and encodes its output there
-        self.gpu_jpeg = _flag(options, "gpu_jpeg", True) and gpu_jpeg.available(self.device)
+        parse_mode(options.get("compile"), device)  # a bad `compile` or `batch_sizes` fails before the load
+        parse_batch_sizes(options.get("batch_sizes"))
         self.load_models()
         load_vae(self)
         load_encoder(self)
-        self.accel.optimize(self.unet, self.vae, self.encoder_vae if self.encoder_vae is not self.vae else None)
-        # The fast path plugs in here and nowhere else: these four model calls, as the mode runs them.
-        self.unet_with_control = self.accel.function(  # type: ignore[method-assign]
-            "unet+controlnet", self.unet_with_control, has_blocks=True)
-        self.vae_encode = self.accel.function("vae_encode", self.vae_encode)  # type: ignore[method-assign]
-        self.vae_decode = self.accel.function("vae_decode", self.vae_decode)  # type: ignore[method-assign]
-        self.estimate_depth = self.accel.function("depth", self.estimate_depth)  # type: ignore[method-assign]
+        set_up_fast_path(self)
         if self.use_controlnet:
             self.ensure_controlnet()
+
+    def to(self, device: str | torch.device | None, dtype: str | torch.dtype | None = None) -> DiffusionProcessor:
+        """This processor moved to `device` as if built there (placement.py); call `warmup()` next. Load on the CPU,
+        serve on a GPU (modal_app.py). `device`, `dtype` as the options; `dtype` defaults to the option given, else the
+        device's own (fp16 on CUDA). Not while a frame is in flight; a background compile is waited for."""
+        device, dtype, _ = resolve_device_dtype(device, dtype or self.options.get("dtype"))
+        started = time.perf_counter()
+        self.accel.wait_optimised()
+        move_models(self, device, dtype)
+        set_up_fast_path(self)
+        log.info("%s processor moved to %s/%s in %.1f s", self.name, self.device, str(dtype).removeprefix("torch."),
+                 time.perf_counter() - started)
+        return self
 
     # --- loading ----------------------------------------------------------------------------------
 
@@ -398,7 +406,7 @@ class DiffusionProcessor(Processor):
             for i, (size, cn) in enumerate(shapes, 1):
                 step = time.perf_counter()
                 self.accel.recording = cn == controlnet[0]  # the other setting is optimised once frames use it
-                self.process_batch([dataclasses.replace(self.request(image), use_controlnet=cn)] * size)
+                self.warm_shape(dataclasses.replace(self.request(image), use_controlnet=cn), size)
                 log.info("%s: batch %d, controlnet %s ready (%d/%d) in %.1f s", self.name, size,
                          "on" if cn else "off", i, len(shapes), time.perf_counter() - step)
                 self.on_progress(LOAD_SHARE + (1 - LOAD_SHARE) * i / len(shapes), f"{what}: {i}/{len(shapes)}")
@@ -409,15 +417,13 @@ class DiffusionProcessor(Processor):
                 torch.cuda.empty_cache()
         self.warmup_seconds = time.perf_counter() - start
         log.info("%s warm-up done in %.1f s (%d CUDA graphs)%s", self.name, self.warmup_seconds,
-                 self.accel.graph_count(), self.memory_note())
+                 self.accel.graph_count(), memory_note(self.device))
         self.accel.recording = True
         self.accel.allow_optimising()
 
-    def memory_note(self) -> str:
-        if not str(self.device).startswith("cuda"):
-            return ""
-        return (f"; GPU memory: {torch.cuda.memory_allocated(self.device) / 2**30:.1f} GiB allocated, "
-                f"{torch.cuda.memory_reserved(self.device) / 2**30:.1f} GiB reserved")
+    def warm_shape(self, request: FrameRequest, size: int) -> None:
+        """Run what serving runs at batch `size` (warm-up: graph captures, compiles): here a whole batch of frames."""
+        self.process_batch([request] * size)
 
     def wait_optimised(self, timeout: float | None = None) -> bool:
         """Block until the background compile (compile=full) is done; True at once in other modes."""

@@ -26,19 +26,35 @@ def fuse_projections(module: torch.nn.Module) -> int:
             continue
         with torch.no_grad():
             attn.fuse_projections()
-        fused = attn.to_kv if attn.is_cross_attention else attn.to_qkv
-        parts = (attn.to_k, attn.to_v) if attn.is_cross_attention else (attn.to_q, attn.to_k, attn.to_v)
-        fused.requires_grad_(False)
-        start = 0
-        for part in parts:
-            rows = part.weight.shape[0]
-            part.weight = torch.nn.Parameter(fused.weight.data[start:start + rows], requires_grad=False)
-            if part.bias is not None:
-                part.bias = torch.nn.Parameter(fused.bias.data[start:start + rows], requires_grad=False)
-            start += rows
+        _share_fused_weight(attn)
         attn.set_processor(FusedAttnProcessor2_0())
         count += 1
     return count
+
+
+def _share_fused_weight(attn: torch.nn.Module) -> None:
+    """The separate q/k/v (or k/v) weights of a fused attention layer become views of its fused weight."""
+    fused = attn.to_kv if attn.is_cross_attention else attn.to_qkv
+    parts = (attn.to_k, attn.to_v) if attn.is_cross_attention else (attn.to_q, attn.to_k, attn.to_v)
+    fused.requires_grad_(False)
+    start = 0
+    for part in parts:
+        rows = part.weight.shape[0]
+        part.weight = torch.nn.Parameter(fused.weight.data[start:start + rows], requires_grad=False)
+        if part.bias is not None:
+            part.bias = torch.nn.Parameter(fused.bias.data[start:start + rows], requires_grad=False)
+        start += rows
+
+
+def moved(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
+    """`module` moved to `device` and cast to `dtype` (floating-point tensors only), in place, its fused layers
+    still sharing one weight: `Module.to` copies each parameter on its own, which would leave the separate q/k/v
+    weights as copies that lightning's checkpoint swap fills while the fused matmul reads the stale fused one."""
+    torch.nn.Module.to(module, device=device, dtype=dtype)  # not diffusers' override, which warns on casts
+    for attn in module.modules():
+        if getattr(attn, "fused_projections", False):
+            _share_fused_weight(attn)
+    return module
 
 
 def fused_keys(module: torch.nn.Module) -> set[str]:

@@ -20,6 +20,13 @@ def cast(module: torch.nn.Module, dtype: torch.dtype) -> Any:
     return torch.nn.Module.to(module, dtype=dtype)
 
 
+def vae_dtype(proc: Any, vae: Any) -> torch.dtype:
+    """The dtype `vae` runs in for `proc`: fp32 where the processor runs in fp16, `upcast_vae` is set and the VAE's
+    config says `force_upcast` (the stock SDXL VAE overflows in fp16), else the processor's own."""
+    says_upcast = bool(getattr(vae.config, "force_upcast", False))
+    return torch.float32 if proc.upcast_vae and proc.dtype == torch.float16 and says_upcast else proc.dtype
+
+
 def load_vae(proc: Any) -> None:
     """`tiny_vae` when set (`vae_model` is then not loaded), else `vae_model`, else base_model's own VAE.
 
@@ -41,8 +48,8 @@ def load_vae(proc: Any) -> None:
         vae = proc.load_component("base_model", AutoencoderKL, "vae", "torch_dtype", dtype=torch.float32)
         base = proc.sources["base_model"]
         which = f"the base model's own VAE ({base.value if base else '?'}, subfolder vae)"
-    says_upcast = bool(getattr(vae.config, "force_upcast", False))
-    upcast = proc.upcast_vae and proc.dtype == torch.float16 and says_upcast
+    proc.vae_dtype = vae_dtype(proc, vae)
+    upcast = proc.vae_dtype != proc.dtype
     if upcast:
         fix = DEFAULTS.get(proc.name, {}).get("vae_model", "an fp16-safe VAE")
         why = (f"its config says force_upcast (fp16 SDXL VAEs overflow); vae_model={fix} or tiny_vae=True "
@@ -51,12 +58,24 @@ def load_vae(proc: Any) -> None:
         why = "the processor's dtype; its config does not say force_upcast"
     else:
         why = "the processor's dtype"
-    proc.vae_dtype = torch.float32 if upcast else proc.dtype
     log.info("vae: %s, %s in %s: %s", which, type(vae).__name__,
              str(proc.vae_dtype).removeprefix("torch."), why)
     proc.vae = cast(vae, proc.vae_dtype)
     proc.latent_scale = float(vae.config.scaling_factor)
     proc.latent_shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+def wants_tiny_encoder(proc: Any) -> bool:
+    """Whether the tiny VAE's encoder encodes `proc`'s input (see `load_encoder`): the `tiny_encoder` option, else
+    the processor's default on CUDA; never when `tiny_vae` is set (the tiny VAE does both already)."""
+    raw = proc.options.get("tiny_encoder")
+    value = None if raw is None else parse_flag(raw, "tiny_encoder")  # True/False, or 1/0, on/off (env, --option)
+    if proc.sources["tiny_vae"] is not None:
+        return False
+    if value is not None:
+        return value
+    return bool(proc.tiny_encoder_default and str(proc.device).startswith("cuda"))
+
 
 def load_encoder(proc: Any) -> None:
     """What encodes the img2img input: the VAE itself, or, with a full VAE, the tiny VAE's encoder.
@@ -71,12 +90,7 @@ def load_encoder(proc: Any) -> None:
     """
     proc.encoder_vae, proc.encoder_dtype = proc.vae, proc.vae_dtype
     proc.encoder_scale, proc.encoder_shift = proc.latent_scale, proc.latent_shift
-    raw = proc.options.get("tiny_encoder")
-    value = None if raw is None else parse_flag(raw, "tiny_encoder")  # True/False, or 1/0, on/off (env, --option)
-    if proc.sources["tiny_vae"] is not None:
-        return  # the tiny VAE does both already
-    wanted = value if value is not None else (proc.tiny_encoder_default and str(proc.device).startswith("cuda"))
-    if not wanted:
+    if not wants_tiny_encoder(proc):
         return
     from diffusers import AutoencoderTiny
 
@@ -88,7 +102,7 @@ def load_encoder(proc: Any) -> None:
         tiny = load_model(source, lambda ref, local: AutoencoderTiny.from_pretrained(
             ref, local_files_only=local, torch_dtype=proc.dtype), what="(tiny_encoder: its encoder only)")
     except ModelUnavailableError as exc:
-        if value:
+        if proc.options.get("tiny_encoder") is not None:  # asked for explicitly
             raise
         log.warning("tiny_encoder: %s; encoding with the full VAE instead (a few ms slower a frame)", exc)
         return
