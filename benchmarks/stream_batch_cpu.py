@@ -90,6 +90,16 @@ def pipelined(args: argparse.Namespace, proc: Any, images: list[Any], streams: i
     from service.processors.stream_batch import StreamBatcher
 
     batcher = StreamBatcher(proc)
+    finals: dict[int, Any] = {}  # tag -> its final latents (the fast mode's error is measured on them)
+    decode = batcher._decode
+
+    def keep_latents(frames: list[Any]) -> None:
+        for frame in frames:
+            if len(finals) < 64:
+                finals[frame.tag] = frame.x.float().clone()
+        decode(frames)
+
+    batcher._decode = keep_latents  # type: ignore[method-assign]
     depth = steps_to_run(args.steps, args.strength)
     submitted: dict[int, float] = {}
     sent: dict[int, Any] = {}
@@ -119,17 +129,110 @@ def pipelined(args: argparse.Namespace, proc: Any, images: list[Any], streams: i
     elapsed = time.perf_counter() - timed_start
     passes_per_round = batcher.passes / total
     batcher.flush()
-    worst = 0
-    for tag, image in outputs:  # the same requests through the sequential loop, one by one
+    worst, errors, every = 0, [], getattr(proc, "cfg_every", 1)
+    for tag, image in outputs:  # the same requests through the sequential loop (exact CFG), one by one
+        proc.cfg_every = 1
         [reference] = proc.process_batch([sent[tag]])
+        alone = StreamBatcher(proc)  # one frame alone in flight: bit-identical to the sequential loop
+        alone._decode = lambda frames: setattr(frames[0], "image", frames[0].x.float().clone())  # type: ignore
+        alone.submit(sent[tag], tag)
+        [(_, exact)] = alone.flush(on_device=True)
+        proc.cfg_every = every
         worst = max(worst, int(abs(image.astype("int16") - reference.astype("int16")).max()))
+        if tag in finals:
+            errors.append(float((finals[tag] - exact).norm() / exact.norm()))
     lat = sorted(latencies)
     return {"rounds": rounds, "round_ms": round(elapsed / rounds * 1000, 2), "latency_frames": len(lat),
             "fps_total": round(done_timed / elapsed, 2), "fps_per_stream": round(done_timed / elapsed / streams, 2),
             "latency_p50_ms": round(statistics.median(lat) * 1000, 2),
             "latency_p90_ms": round(lat[int(0.9 * (len(lat) - 1))] * 1000, 2),
             "in_flight": in_flight, "passes_per_round": round(passes_per_round, 2),
-            "max_levels": worst, "checked_frames": len(outputs)}
+            "max_levels": worst, "checked_frames": len(outputs), "cfg_every": every,
+            "latent_rel_error": round(max(errors), 6) if errors else None,
+            "samples_per_frame_step": round(samples_per_frame_step(proc, in_flight), 3)}
+
+
+def samples_per_frame_step(proc: Any, frames: int) -> float:
+    """UNet+ControlNet samples a pass runs per frame in flight: 2 with exact CFG, 1 + 1/N in the fast mode."""
+    if not proc.uses_cfg:
+        return 1.0
+    if proc.cfg_every == 1:
+        return 2.0
+    return 1 + proc.uncond_slots(frames) / frames
+
+
+def sweep(args: argparse.Namespace, proc: Any, sizes: list[int]) -> dict[str, Any]:
+    """One batched UNet+ControlNet pass (`denoise`, CFG: 2 x n samples) at each frame count n: ms per pass and per
+    frame-step, so the batch sizes the pipeline pads to can be picked where the GPU is efficient."""
+    import torch
+
+    out = {}
+    with torch.inference_mode():
+        embeds = proc.prompt_embeds(PROMPT)
+        h = w = args.size // 8
+        for n in sizes:
+            x = torch.randn(n, 4, h, w, device=proc.device, dtype=proc.dtype)
+            t = torch.full((n,), 500, device=proc.device, dtype=torch.long)
+            control = proc.control_for_cfg(torch.rand(n, 3, args.size, args.size, device=proc.device,
+                                                      dtype=proc.dtype))
+            cond = proc.conditioning_from([embeds] * n)
+            for _ in range(3):
+                proc.denoise(x, t, cond, control)
+            sync(args.device)
+            times = []
+            for _ in range(args.sweep_runs):
+                start = time.perf_counter()
+                proc.denoise(x, t, cond, control)
+                sync(args.device)
+                times.append(time.perf_counter() - start)
+            ms = statistics.median(times) * 1000
+            out[str(n)] = {"pass_ms": round(ms, 2), "ms_per_frame_step": round(ms / n, 3)}
+            progress(f"pass at {n} frames ({2 * n if proc.uses_cfg else n} samples): {ms:.1f} ms, "
+                     f"{ms / n:.2f} ms a frame-step")
+    return out
+
+
+KERNEL_CLASSES = (("attention", ("flash", "fmha", "attention", "sdpa", "softmax")), ("conv", ("conv", "implicit_gemm",
+                  "winograd", "cudnn")), ("gemm", ("gemm", "cutlass", "sm90", "xmma", "matmul")),
+                  ("norm", ("norm",)), ("copy", ("copy", "memcpy", "memset", "cat")))
+
+
+def profile_pass(args: argparse.Namespace, proc: Any, n: int) -> dict[str, Any]:
+    """GPU time of one eager pass at `n` frames by kernel class (CUDA graphs bypassed, so kernels are visible)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        embeds = proc.prompt_embeds(PROMPT)
+        x = torch.randn(n, 4, args.size // 8, args.size // 8, device=proc.device, dtype=proc.dtype)
+        t = torch.full((n,), 500, device=proc.device, dtype=torch.long)
+        control = proc.control_for_cfg(torch.rand(n, 3, args.size, args.size, device=proc.device, dtype=proc.dtype))
+        cond = proc.conditioning_from([embeds] * n)
+        proc.accel.bypass(True)
+        try:
+            for _ in range(2):
+                proc.denoise(x, t, cond, control)
+            sync(args.device)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    proc.denoise(x, t, cond, control)
+                sync(args.device)
+        finally:
+            proc.accel.bypass(False)
+    totals: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
+        if not us:
+            continue
+        name = event.key.lower()
+        kind = next((k for k, words in KERNEL_CLASSES if any(w in name for w in words)), "other")
+        totals[kind] = totals.get(kind, 0.0) + us / 3000
+        top[event.key[:90]] = us / 3000
+    result = {"frames": n, "ms_by_class": {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+              "top_kernels_ms": {k: round(v, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]}}
+    progress(f"eager pass at {n} frames by kernel class (ms): {result['ms_by_class']}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                         "case runs at least run_steps + 6, so frames submitted in timed rounds come out in them)")
     parser.add_argument("--warm", type=int, default=2, help="untimed rounds first (after the pipeline's fill)")
     parser.add_argument("--check", type=int, default=4, help="pipelined frames compared with the sequential loop")
+    parser.add_argument("--sweep", default="", help="frame counts to time one batched pass at (e.g. 1,6,12,18,36)")
+    parser.add_argument("--sweep-runs", type=int, default=10)
+    parser.add_argument("--profile", type=int, default=0, help="profile one eager pass at this many frames")
+    parser.add_argument("--cfg-every", default="1", help="fast-mode settings to run too (1 stream), e.g. 1,3,18")
     parser.add_argument("--out", default="/tmp/stream_batch.json")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -162,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
 
     depth = steps_to_run(args.steps, args.strength)
     paths = build_models(args)
-    proc = load(args, paths, sorted({1, *counts, *(depth * k for k in counts)}))
+    sizes = [int(s) for s in args.sweep.split(",") if s]
+    proc = load(args, paths, sorted({1, *counts, *(depth * k for k in counts), *sizes}))
     images = [codec.decode(jpeg) for jpeg in make_frames(8, args.size)]
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv),
                               "device": args.device, "real": args.real, "size": args.size, "steps": args.steps,
@@ -172,6 +280,18 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         result["gpu"] = torch.cuda.get_device_name()
+    if sizes:
+        result["sweep"] = sweep(args, proc, sizes)
+    if args.profile and cuda:
+        result["profile"] = profile_pass(args, proc, args.profile)
+    for every in [int(e) for e in args.cfg_every.split(",") if e and e != "1"]:
+        proc.cfg_every = every
+        fast = pipelined(args, proc, images, 1)
+        proc.cfg_every = 1
+        result.setdefault("fast_mode", {})[f"cfg_every={every}"] = fast
+        progress(f"fast mode cfg_every={every}, 1 stream: {fast['fps_total']:.2f} frames/s, latency p50 "
+                 f"{fast['latency_p50_ms']:.0f} ms, {fast['samples_per_frame_step']} samples a frame-step (exact: 2), "
+                 f"final latents {fast['latent_rel_error']} relative off exact CFG, max {fast['max_levels']} levels")
     for k in counts:
         case = {"sequential": sequential(args, proc, images, k), "pipelined": pipelined(args, proc, images, k)}
         case["speedup"] = round(case["pipelined"]["fps_total"] / case["sequential"]["fps_total"], 2)

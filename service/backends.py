@@ -52,6 +52,15 @@ class ProcessorBackend(ABC):
     @abstractmethod
     async def process(self, jobs: list[FrameJob]) -> list[bytes | Exception]: ...
 
+    async def advance(self, jobs: list[FrameJob]) -> list[tuple[FrameJob, bytes | Exception]]:
+        """Hand `jobs` in and get back every job that finished, these or earlier ones (a stream-batched processor
+        returns a frame `steps` calls after it went in). A backend without pipelines finishes them all now."""
+        return list(zip(jobs, await self.process(jobs), strict=True))
+
+    def in_pipeline(self) -> int:
+        """Frames handed to `advance` and not yet returned: the scheduler keeps calling while there are any."""
+        return 0
+
     async def close(self) -> None:
         pass
 
@@ -182,36 +191,59 @@ class LocalBackend(ProcessorBackend):
         """Style `jobs` on the worker. A processor not loaded yet (a one-off request, or a stream whose switch raced
         its load) loads first, off the worker and outside the processing timeout; frames of a processor that fails
         to load get that failure, and never reach the worker."""
-        failed: dict[str, Exception] = {}
+        runnable, failed = await self._loaded(jobs)
+        results = await self._run(self.engine.run_prepared, runnable) if runnable else []
+        if isinstance(results, TimeoutError):
+            results = [results] * len(runnable)
+        returned = iter(results)
+        return [failed[job] if job in failed else next(returned) for job in jobs]
+
+    async def advance(self, jobs: list[FrameJob]) -> list[tuple[FrameJob, bytes | Exception]]:
+        """`process` through `Engine.advance`: stream-batched frames come back in later calls (`in_pipeline`)."""
+        runnable, failed = await self._loaded(jobs)
+        outcomes: list[tuple[FrameJob, bytes | Exception]] = list(failed.items())
+        if runnable or self.engine.in_pipeline:
+            done = await self._run(self.engine.advance, runnable)
+            # a timeout: the frames in flight were set aside with their processor (the scheduler fails them)
+            outcomes += [(job, done) for job in runnable] if isinstance(done, TimeoutError) else done
+        return outcomes
+
+    def in_pipeline(self) -> int:
+        return self.engine.in_pipeline
+
+    async def _loaded(self, jobs: list[FrameJob]) -> tuple[list[FrameJob], dict[FrameJob, Exception]]:
+        """The jobs whose processor is loaded (loading it first, off the worker and outside the processing timeout),
+        and the failure of each job whose processor fails to load: those never reach the worker."""
+        errors: dict[str, Exception] = {}
         for processor_type in {job.config.processor_type for job in jobs} - self.engine.processors.keys():
             try:
                 await self.load(processor_type)
             except Exception as exc:
-                failed[processor_type] = exc
-        runnable = [job for job in jobs if job.config.processor_type not in failed]
-        results = iter(await self._run(runnable) if runnable else [])
-        return [failed[job.config.processor_type] if job.config.processor_type in failed else next(results)
-                for job in jobs]
+                errors[processor_type] = exc
+        failed = {job: errors[job.config.processor_type] for job in jobs if job.config.processor_type in errors}
+        return [job for job in jobs if job not in failed], failed
 
-    async def _run(self, jobs: list[FrameJob]) -> list[bytes | Exception]:
+    async def _run(self, method: Callable[..., Any], jobs: list[FrameJob]) -> Any:
+        """`method(prepared, abandoned)` of the Engine on the worker, under the processing timeout: its result, or
+        the TimeoutError when it took too long."""
         # Decoding runs in a thread of its own (libjpeg and OpenCV release the GIL), not on the worker that serves
         # everyone: a one-off request's big image or a stream's odd PNG never holds up the worker.
         prepared = await asyncio.to_thread(self.engine.prepare, jobs)
         async with self._lock:
             abandoned = threading.Event()
-            future = self._worker.submit(self.engine.run_prepared, prepared, abandoned)
+            future = self._worker.submit(method, prepared, abandoned)
             try:
                 return await asyncio.wait_for(future, self.timeout_s)
             except asyncio.TimeoutError:
                 # The stuck call keeps its thread and the processors it is in (quarantined: a fresh instance
-                # serves the next frames); later frames get a fresh thread, so the streams go on.
+                # serves the next frames, and their frames in flight are lost); later frames get a fresh thread,
+                # so the streams go on.
                 log.error("processing took longer than %.0f s; abandoning that call and going on", self.timeout_s)
                 abandoned.set()
-                self.engine.quarantine({job.config.processor_type for job in jobs})
+                self.engine.quarantine({job.config.processor_type for job in jobs} | set(self.engine.batchers))
                 self._worker.stop()
                 self._worker = _Worker()
-                error = TimeoutError(f"processing took longer than {self.timeout_s:g} s")
-                return [error] * len(jobs)
+                return TimeoutError(f"processing took longer than {self.timeout_s:g} s")
 
     def optimise_progress(self) -> dict[str, Any] | None:
         proc = self.engine.processors.get(self.processor)

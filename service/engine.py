@@ -26,9 +26,9 @@ log = logging.getLogger("dreamstream.engine")
 LOAD_RETRY_S = 60.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FrameJob:
-    """One frame crossing the backend seam: plain, picklable data."""
+    """One frame crossing the backend seam: plain, picklable data (equal only to itself: a job is one frame)."""
 
     stream_id: str
     data: bytes  # an encoded JPEG/PNG/WebP whose header passed the limits
@@ -43,10 +43,17 @@ def style_to_jpeg(proc: Processor, requests: list[FrameRequest], quality: int) -
     """The processor's styled frames as JPEG: encoded on its GPU (nvJPEG) when it says `gpu_jpeg`, else on the CPU.
     The server's Engine and the Python API both end here."""
     if proc.gpu_jpeg:
+        return to_jpeg(proc, proc.process_batch_on_device(requests), quality)
+    return to_jpeg(proc, proc.process_batch(requests), quality)
+
+
+def to_jpeg(proc: Processor, images: list[Any], quality: int) -> list[bytes]:
+    """Styled frames as JPEG: (H, W, 3) uint8 on the processor's GPU (nvJPEG, when it says `gpu_jpeg`) or numpy."""
+    if proc.gpu_jpeg:
         from service.processors import gpu_jpeg  # imports torch: only reached when a processor runs on CUDA
 
-        return gpu_jpeg.encode(proc.process_batch_on_device(requests), quality)
-    return [codec.encode_jpeg(np.asarray(out), quality) for out in proc.process_batch(requests)]
+        return gpu_jpeg.encode(images, quality) if images else []
+    return [codec.encode_jpeg(np.asarray(out), quality) for out in images]
 
 
 @dataclass
@@ -77,6 +84,8 @@ class Engine:
         self.max_process_side = max_process_side  # frames are shrunk to this long side while decoding
         self.jpeg_quality = jpeg_quality
         self.processors: dict[str, Processor] = {}
+        self.batchers: dict[str, Any] = {}  # processor type -> its StreamBatcher (`advance`)
+        self.in_pipeline = 0  # frames in the batchers after the last `advance` (read by the event loop)
         self._load_failures: dict[str, tuple[float, str]] = {}
 
     def processor(self, processor_type: str, on_progress: Callable[[float, str], None] | None = None) -> Processor:
@@ -108,6 +117,66 @@ class Engine:
         )
         self.processors[processor_type] = proc
         return proc
+
+    def stream_batched(self, processor_type: str) -> bool:
+        """Whether frames of `processor_type` go through a pipeline (`advance`): the standard processor, loaded, with
+        its `stream_batch` option on. A pipelined frame comes back `steps` calls after it went in."""
+        proc = self.processors.get(processor_type)
+        return bool(getattr(proc, "stream_batch", False))
+
+    def advance(self, prepared: Prepared,
+                abandoned: threading.Event | None = None) -> list[tuple[FrameJob, bytes | Exception]]:
+        """`run_prepared` for a live server: the jobs of a stream-batched processor enter its pipeline (one frame in
+        flight per step it runs, `StreamBatcher`), then every pipeline with frames in flight runs one batched pass;
+        the other jobs are styled at once. Returns each job that finished in this call, this call's or an earlier
+        one's, with its JPEG or error. Call it with no jobs to keep a pipeline moving (a stream that stopped
+        sending still gets its last frames); `in_pipeline` says how many frames are in flight."""
+        on_gpu = [i for i, job in enumerate(prepared.jobs) if prepared.results[i] is None
+                  and prepared.images[i] is None]
+        self._gpu_decode(prepared, on_gpu)
+        piped = [i for i, job in enumerate(prepared.jobs) if prepared.results[i] is None
+                 and self.stream_batched(job.config.processor_type)]
+        rest = [i for i in range(len(prepared.jobs)) if i not in piped]
+        outcomes: list[tuple[FrameJob, bytes | Exception]] = []
+        if rest:
+            part = Prepared([prepared.jobs[i] for i in rest], [prepared.images[i] for i in rest],
+                            [prepared.results[i] for i in rest])
+            outcomes += zip(part.jobs, self.run_prepared(part), strict=True)
+        for i in piped:
+            job = prepared.jobs[i]
+            cfg = job.config
+            request = FrameRequest(prepared.images[i], cfg.prompt, cfg.strength, cfg.num_steps, cfg.seed,
+                                   cfg.use_controlnet)
+            try:
+                self._batcher(cfg.processor_type).submit(request, job, stream=job.stream_id)
+            except Exception as exc:  # this frame only (e.g. a step count the processor refuses)
+                outcomes.append((job, exc))
+        for processor_type, batcher in list(self.batchers.items()):
+            if batcher.in_flight and not (abandoned is not None and abandoned.is_set()):
+                outcomes += self._step(processor_type, batcher)
+        self.in_pipeline = sum(b.in_flight for b in self.batchers.values())
+        return outcomes
+
+    def _batcher(self, processor_type: str) -> Any:
+        from service.processors.stream_batch import StreamBatcher  # imports torch: only for a stream-batched one
+
+        batcher = self.batchers.get(processor_type)
+        if batcher is None or batcher.proc is not self.processors[processor_type]:
+            batcher = self.batchers[processor_type] = StreamBatcher(self.processors[processor_type])
+            log.info("%s: stream batching: each stream's frames in flight advance together, one batched pass a "
+                     "step", processor_type)
+        return batcher
+
+    def _step(self, processor_type: str, batcher: Any) -> list[tuple[FrameJob, bytes | Exception]]:
+        """One pass of a pipeline; if it fails, every frame in it fails (the pipeline is emptied and goes on)."""
+        proc = batcher.proc
+        try:
+            done = batcher.step(on_device=proc.gpu_jpeg)
+            return list(zip([job for job, _ in done], to_jpeg(proc, [image for _, image in done],
+                                                               self.jpeg_quality), strict=True))
+        except Exception as exc:
+            log.exception("%s pipeline failed a step with %d frames in flight", processor_type, batcher.in_flight)
+            return [(job, exc) for job in batcher.abandon()]
 
     def run(self, jobs: list[FrameJob], abandoned: threading.Event | None = None) -> list[bytes | Exception]:
         """Style every job; a job's failure is returned in its place, never raised.
@@ -156,9 +225,11 @@ class Engine:
         """Set aside the processors a stuck call is inside: that thread keeps its instance, and the next frame of
         each type loads a fresh one, so no processor is ever entered by two threads (none is thread-safe)."""
         for processor_type in processor_types:
+            self.batchers.pop(processor_type, None)  # its frames in flight are lost with it (the caller fails them)
             if self.processors.pop(processor_type, None) is not None:
                 log.error("the %s processor is stuck in a call that timed out: set aside (the stuck thread keeps "
                           "it); the next frames load a fresh one", processor_type)
+        self.in_pipeline = sum(b.in_flight for b in self.batchers.values())
 
     def _gpu_decode(self, prepared: Prepared, indices: list[int]) -> None:
         """nvJPEG for the frames `prepare` left encoded, one batched call per device; the CPU decoder for any

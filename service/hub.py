@@ -50,6 +50,9 @@ class Stream:
         self.pending: PendingFrame | None = None
         self.seq = 0
         self.last_shown = 0  # `number` of the newest frame shown to viewers
+        # `config_version` of that frame: a config change shows with its first styled frame; until then the frames
+        # still in flight (seconds of them with stream batching) keep the old style, after it never again
+        self.shown_version = 0
         self.frames_in = 0
         self.frames_out = 0
         self.dropped = 0
@@ -337,13 +340,16 @@ class StreamHub:
 
     def publish_styled(self, job: Job, jpeg: bytes) -> None:
         stream = job.stream
-        if job.version != stream.config_version or self.streams.get(stream.id) is not stream:
-            self._drop(stream, "stale")  # styled with a config the stream no longer has
+        if self.streams.get(stream.id) is not stream:
+            self._drop(stream, "stale")  # the stream ended while its frame was being styled
+            return
+        if job.version < stream.shown_version:
+            self._drop(stream, "stale")  # an older config's style, after a frame of a newer one was shown
             return
         if job.frame.number <= stream.last_shown:
             self._drop(stream, "stale")  # a newer frame of this stream came back first (several rounds in flight)
             return
-        stream.last_shown = job.frame.number
+        stream.last_shown, stream.shown_version = job.frame.number, job.version
         now = time.monotonic()
         latency_ms = (now - job.frame.received) * 1000.0
         stream.seq += 1

@@ -41,6 +41,7 @@ class Scheduler:
         self.max_in_flight = max(1, backend.max_in_flight)
         self.batch_seconds = 0.0  # the last batch's processing time
         self.streams_in_flight: dict[str, int] = {}  # stream id -> its frames in the rounds in flight
+        self.pipelined: dict[FrameJob, Job] = {}  # frames a round left in the backend's pipeline (stream batching)
         self.rounds: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -58,26 +59,35 @@ class Scheduler:
         if self._task is not None:
             self._task.cancel()  # it only ever waits for work or for a free slot
             await asyncio.gather(self._task, return_exceptions=True)
+        deadline = time.monotonic() + timeout
         if self.rounds:
             _, late = await asyncio.wait(self.rounds, timeout=timeout)
             if late:
                 log.warning("%d batch(es) in flight did not finish within %.0f s of shutdown", len(late), timeout)
                 for task in late:
                     task.cancel()
+        if self.backend.in_pipeline():
+            log.info("finishing the %d frames in the stream-batching pipeline", self.backend.in_pipeline())
+        while self.backend.in_pipeline() and time.monotonic() < deadline:
+            await self._round([], asyncio.Semaphore(1))  # steps only: the frames in flight reach their viewers
 
     async def run(self) -> None:
         slots = asyncio.Semaphore(self.max_in_flight)
         while not self._stopping:
-            await self.hub.wait_for_work()
+            if not self.backend.in_pipeline():
+                await self.hub.wait_for_work()
             await slots.acquire()
             if self.rounds and not self.backend.split_batches and self._batches(self.hub.head_key()):
                 # a model that batches takes every ready stream in one call: wait for the round in flight, so the
-                # streams are not split into half batches (the second slot is for the CPU filter's decode overlap)
+                # streams are not split into half batches (the second slot is for the CPU filter's decode overlap);
+                # a pipeline's next step also waits for its last
                 await asyncio.wait(set(self.rounds))
             await self.fill()
             jobs = self.hub.take_batch(self.max_batch)
-            if not jobs:
+            if not jobs and not (self.backend.in_pipeline() and not self.rounds):
                 slots.release()
+                if not self.hub.head_key() and self.rounds:
+                    await asyncio.wait(set(self.rounds))  # a pipeline's step is running: nothing to do until then
                 continue
             task = asyncio.create_task(self._round(jobs, slots))
             self.rounds.add(task)
@@ -113,20 +123,22 @@ class Scheduler:
             self.hub.metrics.batch_size.observe(len(jobs))
             batch = [FrameJob(job.stream.id, job.frame.data, job.config) for job in jobs]
             started = time.monotonic()
+            waiting = dict(zip(batch, jobs, strict=True))
             try:
-                results = await self.backend.process(batch)
+                outcomes = await self.backend.advance(batch)
             except Exception as exc:  # the backend promises not to raise; be safe anyway
                 log.exception("backend failed")
-                results = [exc] * len(jobs)
+                outcomes = [(frame_job, exc) for frame_job in batch]
             self.batch_seconds = time.monotonic() - started
-            for job, result in zip(jobs, results, strict=True):
-                if isinstance(result, bytes):
-                    self.hub.publish_styled(job, result)
-                elif isinstance(result, ClientError):
-                    self.hub.tell_broadcaster(job.stream, result.to_message())
-                else:
-                    message = f"processing failed: {result}" if str(result) else "processing failed"
-                    self.hub.tell_broadcaster(job.stream, protocol.error("processing_failed", message))
+            for frame_job, result in outcomes:
+                job = waiting.pop(frame_job, None) or self.pipelined.pop(frame_job, None)
+                if job is not None:
+                    self._deliver(job, result)
+            self.pipelined.update(waiting)  # in a pipeline: they come back from a later round
+            if self.pipelined and not self.backend.in_pipeline():  # lost with a processor that was set aside
+                lost, self.pipelined = self.pipelined, {}
+                for job in lost.values():
+                    self._deliver(job, RuntimeError("the frame was lost with a processor that timed out"))
         finally:
             for stream_id in ids:
                 if self.streams_in_flight.get(stream_id, 0) <= 1:
@@ -134,3 +146,12 @@ class Scheduler:
                 else:
                     self.streams_in_flight[stream_id] -= 1
             slots.release()
+
+    def _deliver(self, job: Job, result: bytes | Exception) -> None:
+        if isinstance(result, bytes):
+            self.hub.publish_styled(job, result)
+        elif isinstance(result, ClientError):
+            self.hub.tell_broadcaster(job.stream, result.to_message())
+        else:
+            message = f"processing failed: {result}" if str(result) else "processing failed"
+            self.hub.tell_broadcaster(job.stream, protocol.error("processing_failed", message))

@@ -26,20 +26,26 @@ def watched_stream() -> tuple[StreamHub, Stream, Connection]:
     return hub, stream, viewer
 
 
-def test_frames_styled_with_an_old_config_are_never_shown():
+def test_an_old_configs_style_never_follows_the_new_one():
+    """A config change shows with its first styled frame: frames still in flight keep the old style until then (no
+    freeze while a stream-batched pipeline drains: seconds of frames), and never after it."""
     async def main():
         hub, stream, viewer = watched_stream()
         hub.submit(stream, b"frame-1", 1.0)
-        [job] = hub.take_batch(8)
-        hub.set_config(stream, {"prompt": "new style"})  # arrives while frame 1 is being styled
-        hub.publish_styled(job, b"styled-with-old-prompt")
-        assert viewer.waiting_frame is None
-        assert stream.dropped == 1
+        [old_1] = hub.take_batch(8)
         hub.submit(stream, b"frame-2", 2.0)
-        [job] = hub.take_batch(8)
-        assert job.config.prompt == "new style"
-        hub.publish_styled(job, b"styled-with-new-prompt")
-        assert viewer.waiting_frame.jpeg == b"styled-with-new-prompt"
+        [old_2] = hub.take_batch(8)
+        hub.set_config(stream, {"prompt": "new style"})  # arrives while frames 1 and 2 are being styled
+        hub.submit(stream, b"frame-3", 3.0)
+        [new_3] = hub.take_batch(8)
+        assert (old_2.config.prompt, new_3.config.prompt) != ("new style", "new style")
+        hub.publish_styled(old_1, b"styled-1-old")  # nothing newer shown yet: the viewer still sees the stream
+        assert viewer.waiting_frame.jpeg == b"styled-1-old"
+        hub.publish_styled(new_3, b"styled-3-new")
+        assert viewer.waiting_frame.jpeg == b"styled-3-new"
+        hub.publish_styled(old_2, b"styled-2-old")  # late and old: never shown after the new style
+        assert viewer.waiting_frame.jpeg == b"styled-3-new"
+        assert stream.dropped == 1
 
     asyncio.run(main())
 

@@ -6,22 +6,55 @@ VAE, depth ControlNet) driven by the shared loop in `diffusion.py` instead of th
 Default 25 steps; at strength 0.7 a frame runs the last 18 of them, each one UNet + ControlNet on a
 batch of 2 per frame (unconditional and prompted halves). `use_controlnet=False` is plain img2img.
 
-Extra options: `guidance_scale` (7.5; <= 1 turns CFG off and halves the work) and `negative_prompt`.
+Extra options: `guidance_scale` (7.5; <= 1 turns CFG off and halves the work), `negative_prompt`, and how a
+server runs it live (env DREAMSTREAM_STANDARD_<OPTION>):
+- `stream_batch` (on): the server keeps a stream's frames in flight and advances them together, one batched
+  UNet+ControlNet pass per finished frame (`stream_batch.StreamBatcher`, exact); the batch sizes it pads to
+  default to `STREAM_BATCH_SIZES` (one stream at 25 x 0.7 keeps 18 frames in flight, two keep 36).
+- `cfg_every` (1): the opt-in fast mode. N > 1 computes a frame's unconditional half only at every N-th of its
+  steps and reuses it in between (residual CFG), so a pass runs ~1 + 1/N samples a frame instead of 2; not exact
+  (benchmarks/stream_batch_cpu.py reports the latent error). Only stream batching uses it.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
 import torch
 
-from service.processors.diffusion import DiffusionProcessor
+from service.processors.base import FrameRequest
+from service.processors.diffusion import DiffusionProcessor, _flag
+
+log = logging.getLogger("dreamstream.processors")
+
+# The sizes a stream-batched pass is padded to: the pipeline of one stream fills through 1..18 frames (25 x 0.7),
+# two streams keep 36 in flight; bigger counts split into passes of 36.
+STREAM_BATCH_SIZES = "1,2,4,8,12,18,24,36"
 
 
 class StandardProcessor(DiffusionProcessor):
     name = "standard"
     default_steps = 25
-    extra_options = ("guidance_scale", "negative_prompt")
+    extra_options = ("guidance_scale", "negative_prompt", "stream_batch", "cfg_every")
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        self.stream_batch = _flag(options, "stream_batch", True)
+        every = options.get("cfg_every", 1)
+        every = int(every) if isinstance(every, str) and every.strip().isdigit() else every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"cfg_every must be a whole number >= 1 (1: exact CFG), got {every!r}")
+        self.cfg_every = every
+        if self.stream_batch and options.get("batch_sizes") in (None, ""):
+            options["batch_sizes"] = STREAM_BATCH_SIZES
+        super().__init__(*args, **options)
+        if self.stream_batch:
+            log.info("standard: stream batching on (a stream's frames in flight advance together, one batched pass "
+                     "per styled frame; DREAMSTREAM_STANDARD_STREAM_BATCH=0 turns it off), CFG %s", "exact"
+                     if self.cfg_every == 1 else f"fast: unconditional half every {self.cfg_every} steps (not exact)")
+        elif self.cfg_every > 1:
+            log.warning("standard: cfg_every=%d needs stream batching (stream_batch on); exact CFG", self.cfg_every)
 
     def load_models(self) -> None:
         from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
@@ -43,6 +76,29 @@ class StandardProcessor(DiffusionProcessor):
     @property
     def uses_cfg(self) -> bool:
         return self.guidance_scale > 1.0
+
+    def warm_shape(self, request: FrameRequest, size: int) -> None:
+        """Stream batching runs the passes at every batch size, but encodes, estimates depth and decodes a few
+        frames at a time: warm exactly that (a whole sequential batch of 36 would capture VAE graphs nobody uses)."""
+        if not self.stream_batch:
+            return super().warm_shape(request, size)
+        from service.processors.stream_batch import StreamBatcher
+
+        if size == 1:
+            self.process_batch([request])  # the sequential path (/api/process) and the batch-1 model calls
+        batcher = StreamBatcher(self)
+        for i in range(size):
+            batcher.submit(request, i, stream=i)  # streams of their own: none waits for another
+        batcher.step()  # the pass at `size` frames
+        if self.cfg_every > 1 and self.uses_cfg:
+            batcher.step()  # the fast mode's steady shape: fewer unconditional samples than frames
+        if size <= 4:
+            batcher.flush()  # and decode `size` frames at once, as that many streams do
+        batcher.abandon()
+
+    def uncond_slots(self, frames: int) -> int:
+        """The fast mode's unconditional samples in a pass of `frames` (static, for the CUDA graphs)."""
+        return math.ceil(frames / self.cfg_every)
 
     def make_scheduler(self, num_steps: int) -> Any:
         from diffusers import EulerDiscreteScheduler

@@ -75,6 +75,7 @@ class InFlight:
     control: torch.Tensor | None  # (1, 3, H, W) its depth map, None without the ControlNet
     step: int = 0
     image: Any = None  # (H, W, 3) uint8 once decoded
+    uncond: torch.Tensor | None = None  # fast mode (`cfg_every` > 1): its last unconditional prediction
 
     @property
     def done(self) -> bool:
@@ -204,15 +205,43 @@ class StreamBatcher:
             assert len(kinds) == 1, f"one processor, one prediction type: {kinds}"
             model_in = (x / coef["c_in"]).to(proc.dtype)
             t = torch.stack([f.schedule.timesteps[f.step] for f in padded])
-            cond = proc.conditioning_from([f.embeds for f in padded])
-            control = None if padded[0].control is None else proc.control_for_cfg(
-                torch.cat([f.control for f in padded]))
-            output = proc.denoise(model_in, t, cond, control).float()
+            if getattr(proc, "cfg_every", 1) > 1 and proc.uses_cfg:
+                output = self._denoise_fast(part, padded, model_in, t).float()
+            else:
+                cond = proc.conditioning_from([f.embeds for f in padded])
+                control = None if padded[0].control is None else proc.control_for_cfg(
+                    torch.cat([f.control for f in padded]))
+                output = proc.denoise(model_in, t, cond, control).float()
             x0 = predicted_x0_per_sample(output, x, coef, kinds.pop())
             x = x0 + coef["ratio"] * (x - x0)
             for i, frame in enumerate(part):
                 frame.x = x[i:i + 1]
                 frame.step += 1
+
+    def _denoise_fast(self, part: list[InFlight], padded: list[InFlight], model_in: torch.Tensor,
+                      t: torch.Tensor) -> torch.Tensor:
+        """The opt-in fast mode (`cfg_every` N > 1, residual CFG): a frame's unconditional prediction is computed at
+        its first step and every N-th after, and reused in between, so one model call carries every frame's
+        prompted half plus `uncond_slots` unconditional samples (a fixed count: the CUDA graphs need one shape;
+        padded with copies of frame 0). The guidance arithmetic is `StandardProcessor.denoise`'s. Not exact."""
+        proc = self.proc
+        every = proc.cfg_every
+        fresh = [i for i, f in enumerate(part) if f.uncond is None or f.step % every == 0]
+        slots = max(proc.uncond_slots(len(padded)), len(fresh))  # more only when streams start in step
+        pick = fresh + [fresh[0] if fresh else 0] * (slots - len(fresh))
+        index = torch.tensor(pick, device=model_in.device)
+        negative = proc.prompt_embeds(proc.negative_prompt).expand(slots, -1, -1)
+        cond = torch.cat([negative, *[f.embeds for f in padded]])
+        control = None
+        if padded[0].control is not None:
+            depth = torch.cat([f.control for f in padded])
+            control = torch.cat([depth[index], depth])
+        out = proc.unet_with_control(torch.cat([model_in[index], model_in]), torch.cat([t[index], t]), cond, control)
+        new_uncond, prompted = out[:slots], out[slots:]
+        for j, i in enumerate(fresh):
+            part[i].uncond = new_uncond[j:j + 1]
+        unconditional = torch.cat([f.uncond for f in part] + [part[-1].uncond] * (len(padded) - len(part)))
+        return unconditional + proc.guidance_scale * (prompted - unconditional)
 
     def _decode(self, frames: list[InFlight]) -> None:
         proc = self.proc
