@@ -28,20 +28,17 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import build_models, free_port, make_frames, progress  # noqa: E402
+from benchmarks.harness import Server, build_models, gpu_memory, http_get, make_frames, progress, shell  # noqa: E402
 from benchmarks.real_models import hub_cache  # noqa: E402
 
 # name -> (serve flags after `--processor lightning`, tiny VAE, most streams)
@@ -55,74 +52,6 @@ TARGETS = {"defaults": (1, 35.0, 35.0), "no-controlnet-tiny-vae": (8, 120.0, 80.
 MODEL_VARS = {"DREAMSTREAM_LIGHTNING_BASE_MODEL": "sdxl", "DREAMSTREAM_LIGHTNING_UNET": "lightning",
               "DREAMSTREAM_LIGHTNING_CONTROLNET_MODEL": "sdxl_controlnet", "DREAMSTREAM_DEPTH_MODEL": "depth"}
 RESEND_S = 2.0
-
-
-def http_get(url: str, timeout: float = 5.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return resp.read()
-
-
-def shell(*cmd: str) -> str | None:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True, cwd=REPO).stdout.strip()
-    except (OSError, subprocess.SubprocessError):  # no nvidia-smi, no git
-        return None
-
-
-def gpu_memory() -> dict[str, Any] | None:
-    """MiB in use per GPU and per process, from nvidia-smi (None without it)."""
-    if not shutil.which("nvidia-smi"):
-        return None
-    used = shell("nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits")
-    apps = shell("nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
-    rows = [line.split(",") for line in (apps or "").splitlines() if "," in line]
-    return {"used_mib": [int(v) for v in (used or "").split() if v.isdigit()],
-            "apps": [{"pid": p.strip(), "mib": m.strip()} for p, m in rows]}
-
-
-class Server:
-    """One `dreamstream serve` subprocess, its log in a file."""
-
-    def __init__(self, extra: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url, self.log_path = f"http://127.0.0.1:{self.port}", log_path
-        self.cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                    "--processor", "lightning", *extra]
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.started = time.monotonic()
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)  # its own group: inductor's workers go with it
-
-    def wait(self, done: Any, timeout: float, what: str) -> tuple[float, dict[str, Any]]:
-        """Poll /healthz until `done(health)`; (seconds since spawn, health)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} before {what}")
-            health = None
-            with contextlib.suppress(OSError, ValueError):  # not listening yet, or busy
-                health = json.loads(http_get(self.url + "/healthz"))
-            if health and health.get("status") == "error":
-                raise RuntimeError(f"server reports an error: {health.get('error')}")
-            if health and done(health):
-                return round(time.monotonic() - self.started, 1), health
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"not {what} after {timeout:.0f} s (last health: {health})")
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        """SIGINT (a graceful stop), SIGKILL after 15 s; then whatever of its group is left (compile workers)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(15)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def tail(self, lines: int = 50) -> list[str]:
-        return self.log_path.read_text(errors="replace").splitlines()[-lines:] if self.log_path.exists() else []
 
 
 def batch_histogram(metrics: str) -> dict[str, float]:
@@ -262,7 +191,7 @@ class Bench:
             if label == "warm" and self.over_budget(f"{name} warm restart"):
                 break
             progress(f"{name}: starting ({label} inductor cache) ...")
-            server = Server(extra, env, self.logs / f"{name}-{label}.log")
+            server = Server("lightning", extra, env, self.logs / f"{name}-{label}.log")
             start: dict[str, Any] = {"cache": label, "log": str(server.log_path), "command": shlex.join(server.cmd)}
             out["starts"].append(start)
             try:

@@ -16,14 +16,18 @@ without them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +84,77 @@ def free_port() -> int:
 
 
 # --- timing -----------------------------------------------------------------------------------------
+
+# --- a real server -----------------------------------------------------------------------------------
+
+def http_get(url: str, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read()
+
+
+def shell(*cmd: str) -> str | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True, cwd=REPO).stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # no nvidia-smi, no git
+        return None
+
+
+def gpu_memory() -> dict[str, Any] | None:
+    """MiB in use per GPU and per process, from nvidia-smi (None without it)."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    used = shell("nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits")
+    apps = shell("nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
+    rows = [line.split(",") for line in (apps or "").splitlines() if "," in line]
+    return {"used_mib": [int(v) for v in (used or "").split() if v.isdigit()],
+            "apps": [{"pid": p.strip(), "mib": m.strip()} for p, m in rows]}
+
+
+class Server:
+    """One `dreamstream serve` subprocess, its log in a file."""
+
+    def __init__(self, processor: str, extra: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url, self.log_path = f"http://127.0.0.1:{self.port}", log_path
+        self.cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                    "--processor", processor, *extra]
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.started = time.monotonic()
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)  # its own group: inductor's workers go with it
+
+    def wait(self, done: Any, timeout: float, what: str) -> tuple[float, dict[str, Any]]:
+        """Poll /healthz until `done(health)`; (seconds since spawn, health)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} before {what}")
+            health = None
+            with contextlib.suppress(OSError, ValueError):  # not listening yet, or busy
+                health = json.loads(http_get(self.url + "/healthz"))
+            if health and health.get("status") == "error":
+                raise RuntimeError(f"server reports an error: {health.get('error')}")
+            if health and done(health):
+                return round(time.monotonic() - self.started, 1), health
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not {what} after {timeout:.0f} s (last health: {health})")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """SIGINT (a graceful stop), SIGKILL after 15 s; then whatever of its group is left (compile workers)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(15)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def tail(self, lines: int = 50) -> list[str]:
+        return self.log_path.read_text(errors="replace").splitlines()[-lines:] if self.log_path.exists() else []
+
+
 
 def timed_median(fn: Callable[[], Any], warm: int, count: int, sync: Callable[[], None]) -> list[float]:
     for _ in range(warm):

@@ -66,7 +66,7 @@ PROCESSORS: dict[str, ProcessorKind] = {
                       "a painterly CPU filter: no GPU, no weights", batches=False),
         ProcessorKind("standard", "service.processors.standard:StandardProcessor", 25,
                       "Stable Diffusion 1.5 img2img + depth ControlNet: the quality mode", diffusion=True,
-                      env_options=_MODEL_OPTIONS + ("tiny_encoder",) + RUNTIME_OPTIONS),
+                      env_options=_MODEL_OPTIONS + ("tiny_encoder", "stream_batch", "cfg_every") + RUNTIME_OPTIONS),
         ProcessorKind("lightning", "service.processors.lightning:LightningProcessor", 4,
                       "SDXL-Lightning, 1-8 steps: the live mode", steps=(1, 2, 4, 8), diffusion=True,
                       env_options=_MODEL_OPTIONS + ("lightning_unet", "tiny_encoder") + RUNTIME_OPTIONS),
