@@ -156,19 +156,20 @@ FAKE_REVISION = "0" * 40
 
 
 def hub_cache(root: Path, paths: dict[str, Path]) -> Path:
-    """A Hugging Face cache folder (for HF_HUB_CACHE) holding the set's TAESDXL as `madebyollin/taesdxl`, so a
-    processor that loads that default by hub id (lightning's `tiny_encoder`) finds it offline, as it would on a
-    machine that downloaded it once. The files are symlinks into the set."""
+    """A Hugging Face cache folder (for HF_HUB_CACHE) holding the set's TAESD and TAESDXL as `madebyollin/taesd` and
+    `madebyollin/taesdxl`, so a processor that loads those defaults by hub id (`tiny_encoder`) finds them offline, as
+    it would on a machine that downloaded them once. The files are symlinks into the set."""
     cache = Path(root) / "hf-hub-cache"
-    repo = cache / "models--madebyollin--taesdxl"
-    snapshot = repo / "snapshots" / FAKE_REVISION
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(FAKE_REVISION)
-    for file in Path(paths["taesdxl"]).iterdir():
-        link = snapshot / file.name
-        if not link.exists():
-            link.symlink_to(file.resolve())
+    for key in ("taesd", "taesdxl"):
+        repo = cache / f"models--madebyollin--{key}"
+        snapshot = repo / "snapshots" / FAKE_REVISION
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(FAKE_REVISION)
+        for file in Path(paths[key]).iterdir():
+            link = snapshot / file.name
+            if not link.exists():
+                link.symlink_to(file.resolve())
     return cache
 
 

@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import Server, build_models, gpu_memory, make_frames, progress, shell  # noqa: E402
+from benchmarks.real_models import hub_cache  # noqa: E402
 
 TARGETS = {"exact, 1 stream": "≥ 8 frames/s, latency ≤ 2.5 s", "exact, 2 streams": "≥ 5 frames/s each",
            "fast": "≥ 12 frames/s"}
@@ -140,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                 "DREAMSTREAM_DEVICE": args.device, "DREAMSTREAM_MAX_FPS": "0", "DREAMSTREAM_PROCESSORS": "standard",
                 "DREAMSTREAM_STANDARD_BASE_MODEL": str(paths["sd15"]),
                 "DREAMSTREAM_STANDARD_CONTROLNET_MODEL": str(paths["sd15_controlnet"]),
-                "DREAMSTREAM_DEPTH_MODEL": str(paths["depth"])}
+                "DREAMSTREAM_DEPTH_MODEL": str(paths["depth"]),
+                # the default tiny_encoder (madebyollin/taesd) as a cached download: the set's random TAESD
+                "HF_HUB_CACHE": str(hub_cache(Path(args.models), paths))}
     if args.tiny:
         base_env.update(DREAMSTREAM_WIDTH=str(size), DREAMSTREAM_HEIGHT=str(size))
     if args.batch_sizes:
