@@ -11,6 +11,11 @@ styled frame just went out and whose next frame is on its way), the scheduler wa
 rather than running a small batch and making the late ones wait a whole batch. The wait ends as soon as
 every sending stream is ready, and is bounded by `batch_wait_s` (DREAMSTREAM_BATCH_WAIT_MS, default 15 ms)
 and a quarter of the last batch's time; a lone stream, or all streams ready, never waits.
+
+A stream-batched processor (`standard`, service/processors/stream_batch.py) returns a frame ~18 rounds after it went
+in: each round hands the backend the newest frame of each ready stream and runs one batched pass, and the results
+are whichever frames finished (`ProcessorBackend.advance`). While frames are in flight the loop runs rounds even
+when no new frame came, so a stream that stops sending still gets its last frames; `stop` finishes them too.
 """
 
 from __future__ import annotations

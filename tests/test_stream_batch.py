@@ -200,3 +200,26 @@ def test_passes_are_padded_and_split_to_the_fast_paths_batch_sizes(tiny_env):
     assert 8 in unet.batches and len(unet.batches) > batcher.passes  # 5 in flight: one pass, two calls
     for tag, image in out:
         assert levels(image, proc.process_batch([requests[tag][0]])[0]) <= MAX_LEVELS
+
+
+def test_fast_mode_runs_fewer_samples_and_stays_near_the_exact_frames(tiny_env):
+    """`cfg_every` N (the opt-in fast mode, residual CFG): a pass runs every frame's prompted half plus
+    ceil(frames / N) unconditional samples instead of 2 x frames, a frame's first step always computes its own
+    unconditional half, and the frames stay close to exact CFG's without being them."""
+    steps, every = 8, 3  # 8 x 0.7 runs 6 steps: 6 frames in flight
+    exact = create_processor("standard", style_prompt="a watercolor", num_steps=steps, width=64, height=64)
+    fast = create_processor("standard", style_prompt="a watercolor", num_steps=steps, width=64, height=64,
+                            cfg_every=every)
+    unet = CountCalls(fast.unet)
+    requests = [(FrameRequest(textured_frame(64, 64, seed=i), "a watercolor", 0.7, steps, 5), "s")
+                for i in range(10)]
+    out_fast, depth = run_live(batcher_of(fast), requests)
+    out_exact, _ = run_live(batcher_of(exact), requests)
+    assert [t for t, _ in out_fast] == [t for t, _ in out_exact] == list(range(10))
+    full = [n for n in depth if n == 6]
+    assert full and 6 + 2 in unet.batches  # a full pass: 6 prompted + ceil(6 / 3) unconditional, not 12
+    assert max(unet.batches) < 2 * 6
+    diffs = [np.abs(a.astype(np.int16) - b.astype(np.int16)).mean() for (_, a), (_, b) in zip(out_fast, out_exact)]
+    assert 0 < max(diffs) < 40, diffs  # not exact, not another picture
+    with pytest.raises(ValueError, match="cfg_every"):
+        create_processor("standard", num_steps=steps, width=64, height=64, cfg_every=0)

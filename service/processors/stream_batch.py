@@ -35,16 +35,18 @@ Frames with and without the ControlNet cannot share one pass (the residuals are 
 `batch_sizes`, so the captured CUDA graphs serve it: give the in-flight count as a batch size
 (`batch_sizes=1,18` for one stream at 25 x 0.7) or a pass splits into several calls.
 
-How Engine would drive it (the next step of issue 12, not wired yet): the worker thread, on each turn,
-`submit`s the newest frame of every standard stream that sent one, then calls `step()` once and sends the
-finished frames to their streams' viewers; while anything is in flight it keeps stepping even when no new
-frame came, which drains a stream that stopped sending (`flush()` does the same at once, for a processor
-switch or shutdown). With one frame entering per call and S = steps_to_run steps:
+How the server drives it (`Engine.advance`, on the worker thread; service/scheduler.py): each round `submit`s the
+newest frame of every standard stream that sent one, calls `step()` once and sends the finished frames to their
+streams' viewers; while anything is in flight it keeps stepping even when no new frame came, which drains a stream
+that stopped sending (`flush()` does the same at once). With one frame entering per call and S = steps_to_run:
 - latency = S calls of the batched pass (+ one encode/depth and one decode), vs S calls at batch 1 in sequence;
 - throughput = one finished frame per call per stream, vs one per S calls: the batched call is wider (2 x S
-  frames instead of 2) but on a GPU that batch 2 leaves idle it costs far less than S batch-2 calls.
-The closed loop needs care: a broadcaster that waits for its styled frame before sending the next keeps
-only one frame in flight, so the live path has to feed frames as they come (newest-wins), not per reply.
+  frames instead of 2), and measured on an H200 a frame-step costs 9 ms at batch 6 and up vs 14.7 at batch 1.
+A broadcaster that waits for its styled frame before sending the next keeps only one frame in flight: the studio
+and the OBS companion send at camera rate, and the hub keeps each stream's newest frame.
+
+The opt-in fast mode (`cfg_every` N > 1 on the processor, `_denoise_fast`) is not exact: a frame's unconditional
+prediction is computed at every N-th of its steps and reused in between (residual CFG).
 """
 
 from __future__ import annotations
