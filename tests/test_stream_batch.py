@@ -219,7 +219,8 @@ def test_fast_mode_runs_fewer_samples_and_stays_near_the_exact_frames(tiny_env):
     full = [n for n in depth if n == 6]
     assert full and 6 + 2 in unet.batches  # a full pass: 6 prompted + ceil(6 / 3) unconditional, not 12
     assert max(unet.batches) < 2 * 6
-    diffs = [np.abs(a.astype(np.int16) - b.astype(np.int16)).mean() for (_, a), (_, b) in zip(out_fast, out_exact)]
+    diffs = [np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()
+             for (_, a), (_, b) in zip(out_fast, out_exact, strict=True)]
     assert 0 < max(diffs) < 40, diffs  # not exact, not another picture
     with pytest.raises(ValueError, match="cfg_every"):
         create_processor("standard", num_steps=steps, width=64, height=64, cfg_every=0)
