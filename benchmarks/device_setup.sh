@@ -10,6 +10,7 @@
 # (11 MB in all):
 #   diffusers-0.42.1            py3-none-any      (needs requests at import: pipeline_utils)
 #   fastapi-0.165.0             py3-none-any      (imports opentelemetry-api at import: fastapi.telemetry)
+#   fastapi_offline-1.7.7       py3-none-any      (service/docs_page.py: /docs without a CDN)
 #   starlette-1.10.0            py3-none-any
 #   uvicorn-0.54.0              py3-none-any      (no [standard] extras: h11 for HTTP, websockets for WebSockets)
 #   websockets-17.4             cp312 manylinux

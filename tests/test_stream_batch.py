@@ -224,3 +224,17 @@ def test_fast_mode_runs_fewer_samples_and_stays_near_the_exact_frames(tiny_env):
     assert 0 < max(diffs) < 40, diffs  # not exact, not another picture
     with pytest.raises(ValueError, match="cfg_every"):
         create_processor("standard", num_steps=steps, width=64, height=64, cfg_every=0)
+
+
+def test_warm_up_runs_the_steady_pass_first_and_every_pass_size(tiny_env):
+    """The warm-up (graph captures, and the order compile=full compiles in) starts with the pass one stream runs
+    all the time, then covers every batch size, with and without the ControlNet, without whole sequential batches
+    of the big sizes (the VAE at batch 4 at most)."""
+    proc = create_processor("standard", num_steps=6, width=64, height=64, compile="graphs", batch_sizes="1,2,4,8")
+    assert proc.steady_size() == 8  # 6 x 0.7 runs 5 steps: 5 in flight, padded to 8
+    unet, decoded = CountCalls(proc.unet), []
+    proc.vae.decoder.register_forward_hook(lambda module, args, output: decoded.append(args[0].shape[0]))
+    proc.warmup()
+    assert unet.batches[0] == 2 * 8  # the steady pass first (CFG doubles it)
+    assert {2, 4, 8, 16} <= set(unet.batches)  # every pass size
+    assert decoded and max(decoded) <= 4

@@ -26,6 +26,7 @@ import torch
 
 from service.processors.base import FrameRequest
 from service.processors.diffusion import DiffusionProcessor, _flag
+from service.processors.schedule import steps_to_run
 
 log = logging.getLogger("dreamstream.processors")
 
@@ -83,13 +84,23 @@ class StandardProcessor(DiffusionProcessor):
 
     def warm_shape(self, request: FrameRequest, size: int) -> None:
         """Stream batching runs the passes at every batch size, but encodes, estimates depth and decodes a few
-        frames at a time: warm exactly that (a whole sequential batch of 36 would capture VAE graphs nobody uses)."""
+        frames at a time: warm exactly that (a whole sequential batch of 36 would capture VAE graphs nobody uses).
+        The pass one stream runs all the time (`steady_size`) is warmed first: the background compile (compile=full)
+        takes the shapes in the order they were first seen, so that pass is compiled first (each takes minutes)."""
         if not self.stream_batch:
             return super().warm_shape(request, size)
-        from service.processors.stream_batch import StreamBatcher
-
+        steady = self.steady_size()
+        if size == self.accel.batch_sizes[0] and size != steady and self.accel.recording:
+            self._warm_passes(request, steady)
+        elif size == steady and self.accel.recording and size != self.accel.batch_sizes[0]:
+            return  # warmed first, above
         if size == 1:
             self.process_batch([request])  # the sequential path (/api/process) and the batch-1 model calls
+        self._warm_passes(request, size)
+
+    def _warm_passes(self, request: FrameRequest, size: int) -> None:
+        from service.processors.stream_batch import StreamBatcher
+
         batcher = StreamBatcher(self)
         for i in range(size):
             batcher.submit(request, i, stream=i)  # streams of their own: none waits for another
@@ -99,6 +110,11 @@ class StandardProcessor(DiffusionProcessor):
         if size <= 4:
             batcher.flush()  # and decode `size` frames at once, as that many streams do
         batcher.abandon()
+
+    def steady_size(self) -> int:
+        """The batch size a pass of one stream at the default steps and strength pads to (18 at 25 x 0.7)."""
+        run = steps_to_run(self.num_steps, self.strength)
+        return next((s for s in self.accel.batch_sizes if s >= run), self.accel.batch_sizes[-1])
 
     def uncond_slots(self, frames: int) -> int:
         """The fast mode's unconditional samples in a pass of `frames` (static, for the CUDA graphs)."""
