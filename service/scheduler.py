@@ -125,7 +125,8 @@ class Scheduler:
         for stream_id in ids:
             self.streams_in_flight[stream_id] = self.streams_in_flight.get(stream_id, 0) + 1
         try:
-            self.hub.metrics.batch_size.observe(len(jobs))
+            if jobs:  # a round of a pipeline alone (no new frame) is no batch
+                self.hub.metrics.batch_size.observe(len(jobs))
             batch = [FrameJob(job.stream.id, job.frame.data, job.config) for job in jobs]
             started = time.monotonic()
             waiting = dict(zip(batch, jobs, strict=True))
