@@ -89,10 +89,11 @@ class Scheduler:
                 await asyncio.wait(set(self.rounds))
             await self.fill()
             jobs = self.hub.take_batch(self.max_batch)
-            if not jobs and not (self.backend.in_pipeline() and not self.rounds):
+            step_only = not jobs and self.backend.in_pipeline() and not self.rounds  # frames in flight, none new
+            if not jobs and not step_only:
                 slots.release()
-                if not self.hub.head_key() and self.rounds:
-                    await asyncio.wait(set(self.rounds))  # a pipeline's step is running: nothing to do until then
+                if self.rounds and self.hub.head_key() is None:
+                    await asyncio.wait(set(self.rounds))  # a round is running and nothing waits: wait for it
                 continue
             task = asyncio.create_task(self._round(jobs, slots))
             self.rounds.add(task)
