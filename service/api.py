@@ -146,7 +146,8 @@ class OneShotLane:
     """Where POST /api/process waits: its own lane, which never runs ahead of live frames.
 
     One one-shot at a time, and only when the live streams have no frame waiting and no batch in flight (the
-    scheduler is idle; a remote GPU pool, which takes several batches at once, needs two free slots). The local
+    scheduler is idle; a remote GPU pool, which takes several batches at once, needs two free slots), or when no
+    such gap came for `GAP_WAIT_S`. The local
     worker cannot be interrupted, so a one-shot that starts just before a live frame arrives delays that frame by
     its own time: while any stream is live, the lane therefore rests after each one-shot, keeping its share of the
     worker to `SHARE` (3 %: a live stream loses at most a frame or two a second), and the pixel cap
@@ -158,6 +159,10 @@ class OneShotLane:
     POLL_S = 0.002  # how often a waiting one-shot looks for a gap between live rounds
     LIVE_WINDOW_S = 1.0  # a stream that sent a frame this recently is live
     WAIT_S = 30.0
+    # Live work that never pauses (a stream-batched pipeline stepping back to back, or streams sending faster than
+    # their processor styles) leaves no gap: after this long the one-shot takes the worker's next turn anyway
+    # (between two rounds; its share still bounded by SHARE).
+    GAP_WAIT_S = 1.0
 
     def __init__(self) -> None:
         self._queue: deque[object] = deque()  # FIFO among the one-shots; the head runs next
@@ -178,8 +183,10 @@ class OneShotLane:
         scheduler = ds.scheduler
         return len(scheduler.rounds) > max(0, scheduler.max_in_flight - 2) or ds.hub.head_key() is not None
 
-    def _may_start(self, ds: DreamStream, ticket: object, now: float) -> bool:
-        if self._running or self._queue[0] is not ticket or self._live_work(ds):
+    def _may_start(self, ds: DreamStream, ticket: object, now: float, since: float) -> bool:
+        if self._running or self._queue[0] is not ticket:
+            return False
+        if self._live_work(ds) and now - since < self.GAP_WAIT_S:
             return False
         return now >= self.rest_until or not self._live(ds, now)
 
@@ -187,9 +194,10 @@ class OneShotLane:
         """The job's result; TimeoutError when it got no turn within WAIT_S."""
         ticket = object()
         self._queue.append(ticket)
-        deadline = time.monotonic() + self.WAIT_S
+        since = time.monotonic()
+        deadline = since + self.WAIT_S
         try:
-            while not self._may_start(ds, ticket, now := time.monotonic()):
+            while not self._may_start(ds, ticket, now := time.monotonic(), since):
                 if now > deadline:
                     raise TimeoutError("no turn within the wait")
                 await asyncio.sleep(self.POLL_S if self._queue[0] is ticket else 10 * self.POLL_S)

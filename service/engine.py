@@ -141,7 +141,9 @@ class Engine:
         if rest:
             part = Prepared([prepared.jobs[i] for i in rest], [prepared.images[i] for i in rest],
                             [prepared.results[i] for i in rest])
-            outcomes += zip(part.jobs, self.run_prepared(part), strict=True)
+            outcomes += zip(part.jobs, self.run_prepared(part, abandoned), strict=True)
+        if abandoned is not None and abandoned.is_set():
+            return outcomes  # the caller timed out and set our processors aside: touch no pipeline
         for i in piped:
             job = prepared.jobs[i]
             cfg = job.config
@@ -152,16 +154,17 @@ class Engine:
             except Exception as exc:  # this frame only (e.g. a step count the processor refuses)
                 outcomes.append((job, exc))
         for processor_type, batcher in list(self.batchers.items()):
-            if batcher.in_flight and not (abandoned is not None and abandoned.is_set()):
+            if batcher.in_flight:
                 outcomes += self._step(processor_type, batcher)
-        self.in_pipeline = sum(b.in_flight for b in self.batchers.values())
+        if not (abandoned is not None and abandoned.is_set()):
+            self.in_pipeline = sum(b.in_flight for b in self.batchers.values())
         return outcomes
 
     def _batcher(self, processor_type: str) -> Any:
         from service.processors.stream_batch import StreamBatcher  # imports torch: only for a stream-batched one
 
         batcher = self.batchers.get(processor_type)
-        if batcher is None or batcher.proc is not self.processors[processor_type]:
+        if batcher is None:  # (`quarantine` drops a processor's batcher with it)
             batcher = self.batchers[processor_type] = StreamBatcher(self.processors[processor_type])
             log.info("%s: stream batching: each stream's frames in flight advance together, one batched pass a "
                      "step", processor_type)
@@ -170,13 +173,14 @@ class Engine:
     def _step(self, processor_type: str, batcher: Any) -> list[tuple[FrameJob, bytes | Exception]]:
         """One pass of a pipeline; if it fails, every frame in it fails (the pipeline is emptied and goes on)."""
         proc = batcher.proc
+        done: list[tuple[FrameJob, Any]] = []
         try:
             done = batcher.step(on_device=proc.gpu_jpeg)
             return list(zip([job for job, _ in done], to_jpeg(proc, [image for _, image in done],
                                                                self.jpeg_quality), strict=True))
         except Exception as exc:
             log.exception("%s pipeline failed a step with %d frames in flight", processor_type, batcher.in_flight)
-            return [(job, exc) for job in batcher.abandon()]
+            return [(job, exc) for job in [job for job, _ in done] + batcher.abandon()]
 
     def run(self, jobs: list[FrameJob], abandoned: threading.Event | None = None) -> list[bytes | Exception]:
         """Style every job; a job's failure is returned in its place, never raised.

@@ -271,6 +271,10 @@ class StreamHub:
     async def wait_for_work(self) -> None:
         await self._has_work.wait()
 
+    def wake(self) -> None:
+        """Let the scheduler run a round without a new frame (a pipeline has frames in flight)."""
+        self._has_work.set()
+
     async def wait_for_submit(self, timeout: float) -> None:
         """Until the next frame arrives from any stream, or `timeout` seconds."""
         self._submitted.clear()

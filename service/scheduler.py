@@ -146,6 +146,8 @@ class Scheduler:
                 lost, self.pipelined = self.pipelined, {}
                 for job in lost.values():
                     self._deliver(job, RuntimeError("the frame was lost with a processor that timed out"))
+            if self.backend.in_pipeline():
+                self.hub.wake()  # the loop may be waiting for a frame: a lone frame in flight must still come out
         finally:
             for stream_id in ids:
                 if self.streams_in_flight.get(stream_id, 0) <= 1:

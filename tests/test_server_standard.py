@@ -4,7 +4,8 @@ CPU), with frames sent at camera rate as the studio and `dreamstream obs` send t
 What a viewer sees: several frames in flight at once (throughput x latency, Little's law: one in flight at most
 without stream batching), every styled frame equal to the sequential loop's for the same input and config (JPEG
 rounding aside), in the order sent; after a live config change the new style shows and the old one never comes
-back; and a stream that stops sending still gets its last frame.
+back; a stream that stops sending still gets its last frame, and a lone frame (a client that sends its next
+frame only when the last came back) comes out too; a one-shot /api/process request meanwhile gets its turn.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import base64
 import json
 import time
 
+import httpx
 import numpy as np
 import simplejpeg
 import websockets
@@ -39,6 +41,7 @@ def test_frames_in_flight_are_exact_ordered_and_none_is_left_behind(tiny_env, tm
     args = ["--steps", str(STEPS), "--strength", str(STRENGTH), "--prompt", "a watercolor"]
     with running_server(tmp_path, processor="standard", args=args, env=env, timeout=120) as server:
         received: list[tuple[float, dict]] = []  # (arrival wall time, frame message)
+        answers: dict[str, int] = {}
         sent: list[tuple[int, float, str]] = []  # (frame index, ts, config phase)
 
         async def main() -> dict:
@@ -61,20 +64,31 @@ def test_frames_in_flight_are_exact_ordered_and_none_is_left_behind(tiny_env, tm
                         await broadcaster.send(json.dumps({"type": "frame", "frame": frame, "ts": ts}))
                         await asyncio.sleep(1 / FPS)
 
+                async def arrived(ts: float) -> None:
+                    async with asyncio.timeout(60):
+                        while not received or received[-1][1]["ts"] < ts:
+                            await asyncio.sleep(0.05)
+
                 watcher = asyncio.create_task(watch())
                 await send(int(3 * FPS), "old")  # the pipeline fills, then runs full
                 await broadcaster.send(json.dumps({"type": "config", "prompt": "neon city"}))
                 await recv_json(broadcaster, "config")
+                # a one-shot request meanwhile: the pipeline never pauses, and the request still gets its turn
+                one_shot = asyncio.create_task(asyncio.to_thread(
+                    httpx.post, f"{server.http}/api/process", content=FRAMES[0],
+                    headers={"content-type": "image/jpeg"}, timeout=60))
                 await send(int(2 * FPS), "new")
-                last_ts = sent[-1][1]
-                async with asyncio.timeout(60):  # the stream stopped sending: its last frame still comes
-                    while not received or received[-1][1]["ts"] < last_ts:
-                        await asyncio.sleep(0.05)
+                await arrived(sent[-1][1])  # the stream stopped sending: its last frame still comes
+                answers["one-shot"] = (await one_shot).status_code
+                for _ in range(2):  # now one frame at a time, each sent when the last came back (a closed loop)
+                    await send(1, "new")
+                    await arrived(sent[-1][1])
                 watcher.cancel()
                 return ready["config"]
 
         config = run(main(), timeout=180)
 
+    assert answers == {"one-shot": 200}
     by_ts = {ts: (i, phase) for i, ts, phase in sent}
     stamps = [msg["ts"] for _, msg in received]
     assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps), "frames out of order or repeated"

@@ -104,9 +104,11 @@ class StandardProcessor(DiffusionProcessor):
         batcher = StreamBatcher(self)
         for i in range(size):
             batcher.submit(request, i, stream=i)  # streams of their own: none waits for another
-        batcher.step()  # the pass at `size` frames
         if self.cfg_every > 1 and self.uses_cfg:
-            batcher.step()  # the fast mode's steady shape: fewer unconditional samples than frames
+            recording, self.accel.recording = self.accel.recording, False  # every frame new: not the steady shape
+            batcher.step()
+            self.accel.recording = recording
+        batcher.step()  # the pass at `size` frames (fast mode: fewer unconditional samples than frames)
         if size <= 4:
             batcher.flush()  # and decode `size` frames at once, as that many streams do
         batcher.abandon()

@@ -78,6 +78,7 @@ class InFlight:
     step: int = 0
     image: Any = None  # (H, W, 3) uint8 once decoded
     uncond: torch.Tensor | None = None  # fast mode (`cfg_every` > 1): its last unconditional prediction
+    uncond_step: int = 0  # the step `uncond` was computed at
 
     @property
     def done(self) -> bool:
@@ -228,8 +229,11 @@ class StreamBatcher:
         padded with copies of frame 0). The guidance arithmetic is `StandardProcessor.denoise`'s. Not exact."""
         proc = self.proc
         every = proc.cfg_every
-        fresh = [i for i, f in enumerate(part) if f.uncond is None or f.step % every == 0]
-        slots = max(proc.uncond_slots(len(padded)), len(fresh))  # more only when streams start in step
+        new = [i for i, f in enumerate(part) if f.uncond is None]  # a frame's first step computes its own
+        due = sorted((i for i, f in enumerate(part) if f.uncond is not None and f.step - f.uncond_step >= every),
+                     key=lambda i: part[i].uncond_step)  # the stalest first
+        slots = max(proc.uncond_slots(len(padded)), len(new))  # more only when many streams start at once
+        fresh = (new + due)[:slots]  # a due frame not picked keeps its unconditional half one step longer
         pick = fresh + [fresh[0] if fresh else 0] * (slots - len(fresh))
         index = torch.tensor(pick, device=model_in.device)
         negative = proc.prompt_embeds(proc.negative_prompt).expand(slots, -1, -1)
@@ -241,7 +245,7 @@ class StreamBatcher:
         out = proc.unet_with_control(torch.cat([model_in[index], model_in]), torch.cat([t[index], t]), cond, control)
         new_uncond, prompted = out[:slots], out[slots:]
         for j, i in enumerate(fresh):
-            part[i].uncond = new_uncond[j:j + 1]
+            part[i].uncond, part[i].uncond_step = new_uncond[j:j + 1].clone(), part[i].step
         unconditional = torch.cat([f.uncond for f in part] + [part[-1].uncond] * (len(padded) - len(part)))
         return unconditional + proc.guidance_scale * (prompted - unconditional)
 
