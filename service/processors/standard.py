@@ -39,9 +39,10 @@ class StandardProcessor(DiffusionProcessor):
     name = "standard"
     default_steps = 25
     extra_options = ("guidance_scale", "negative_prompt", "stream_batch", "cfg_every")
-    # On CUDA the img2img input is encoded by TAESD's encoder (vae.load_encoder): 13.5 -> ~1 ms a frame on an H200,
-    # a tenth of a stream-batched frame's time; at 25 x 0.7 the sampler starts at sigma ~3.1, so the input latents
-    # are under a third of what the UNet sees and their small error drowns in the noise. The full VAE decodes.
+    # On CUDA the img2img input is encoded by TAESD's encoder (vae.load_encoder): 13.5 -> ~1 ms a frame on an H200
+    # (the full encoder was 6 % of a stream-batched round); at 25 x 0.7 the sampler starts at sigma ~3.1, so the
+    # input latents are under a third of what the UNet sees and their small error drowns in the noise. The full VAE
+    # decodes.
     tiny_encoder_default = True
 
     def __init__(self, *args: Any, **options: Any) -> None:
