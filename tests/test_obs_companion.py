@@ -322,6 +322,7 @@ def test_sync_audio_keeps_the_offset_at_the_latency_and_restores_it(tmp_path, ob
         assert 1 <= measured < 2000, measured
         in_obs = obs.audio_sync_offset("Mic")  # read before the log: the companion may set a newer value meanwhile
         assert in_obs in offsets_set(comp), "OBS shows the latency the companion measured and set"
+        comp.wait_for("| audio sync offset +", after=at)  # the next status line (every few seconds)
         status = re.findall(r"audio sync offset \+(\d+) ms", comp.output())
         assert status, "the status line shows the measured offset too"
         assert "Sync Offset (Edit > Advanced Audio Properties)" not in comp.output(), "no hand advice: it is set"
