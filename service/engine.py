@@ -131,9 +131,7 @@ class Engine:
         the other jobs are styled at once. Returns each job that finished in this call, this call's or an earlier
         one's, with its JPEG or error. Call it with no jobs to keep a pipeline moving (a stream that stopped
         sending still gets its last frames); `in_pipeline` says how many frames are in flight."""
-        on_gpu = [i for i, job in enumerate(prepared.jobs) if prepared.results[i] is None
-                  and prepared.images[i] is None]
-        self._gpu_decode(prepared, on_gpu)
+        self._gpu_decode(prepared)
         piped = [i for i, job in enumerate(prepared.jobs) if prepared.results[i] is None
                  and self.stream_batched(job.config.processor_type)]
         rest = [i for i in range(len(prepared.jobs)) if i not in piped]
@@ -208,8 +206,7 @@ class Engine:
         """The processor half (the worker thread's): GPU decode where `prepare` left bytes, style, encode."""
         results = prepared.results
         groups: dict[str, list[tuple[int, FrameRequest]]] = defaultdict(list)
-        on_gpu = [i for i, job in enumerate(prepared.jobs) if results[i] is None and prepared.images[i] is None]
-        self._gpu_decode(prepared, on_gpu)
+        self._gpu_decode(prepared)
         for i, job in enumerate(prepared.jobs):
             if results[i] is not None:
                 continue
@@ -235,9 +232,10 @@ class Engine:
                           "it); the next frames load a fresh one", processor_type)
         self.in_pipeline = sum(b.in_flight for b in self.batchers.values())
 
-    def _gpu_decode(self, prepared: Prepared, indices: list[int]) -> None:
+    def _gpu_decode(self, prepared: Prepared) -> None:
         """nvJPEG for the frames `prepare` left encoded, one batched call per device; the CPU decoder for any
-        frame of a batch nvJPEG refuses (it is the reference path)."""
+        frame of a batch nvJPEG refuses (it is the reference path). Frames decoded already are left as they are."""
+        indices = [i for i in range(len(prepared.jobs)) if prepared.results[i] is None and prepared.images[i] is None]
         if not indices:
             return
         from service.processors import gpu_jpeg  # imports torch: only reached when a processor runs on CUDA
