@@ -201,9 +201,10 @@ class Bench:
                 optimise = health.get("optimise") or {}
                 if (optimise.get("state") == "running" and self.args.measure_while_optimising
                         and "while_optimising" not in out):
-                    out["while_optimising"] = {**self.measure(server, 1), "optimise": optimise}
+                    out["while_optimising"] = {**self.measure(server, self.args.while_optimising_streams),
+                                               "optimise": optimise}
                     self.save()
-                if optimise:
+                if optimise and self.args.optimise_timeout > 0:
                     start["optimised_s"], start["health"] = server.wait(
                         lambda h: (h.get("optimise") or {}).get("state") != "running", self.args.optimise_timeout,
                         "optimised")
@@ -398,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="measured window per stream count")
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--ready-timeout", type=float, default=900.0)
-    parser.add_argument("--optimise-timeout", type=float, default=600.0)
+    parser.add_argument("--optimise-timeout", type=float, default=600.0, help="0: measure without waiting for it")
+    parser.add_argument("--while-optimising-streams", type=int, default=1, help="streams --measure-while-optimising drives")
     parser.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True, help="first config: warm too")
     parser.add_argument("--measure-while-optimising", action="store_true")
     parser.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True, help="Engine.run batch 8")

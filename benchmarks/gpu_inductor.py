@@ -1,0 +1,201 @@
+"""The live path's compiled model calls by inductor setting: what the background compile (compile=full) could buy.
+
+    python benchmarks/gpu_inductor.py --out $OUT/inductor.json --budget-s 420     # on the GPU machine
+    python benchmarks/gpu_inductor.py --tiny --device cpu --variants default,coordinate --out /tmp/ind.json  # smoke
+
+Each setting of VARIANTS runs in a child process of its own (inductor's settings are global): the lightning processor
+with the server's defaults (depth ControlNet, fp16-fix VAE, tiny encoder, 2 steps) in compile=graphs, then each call
+of CALLS compiled with `torch.compile(fullgraph=True)` under that setting, captured in a CUDA graph as the server
+captures it (accel.capture) and timed with CUDA events (median of 50 replays). The children compile side by side on
+an inductor cache of their own (cold: the compile seconds are real) and time one at a time, in turns the parent hands
+out, so no timing overlaps another child's compile. `default` also times the eager-kernel graphs (what a server serves
+before its compile is done) and batch 8 with a symbolic batch dimension (what compile=full builds for the second batch
+size and serves every larger one with). Every compiled output is checked against the eager call (relative error).
+A child past --budget-s compiles nothing more and times what it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import PROMPT, build_models, make_frames, progress  # noqa: E402
+from benchmarks.real_models import hub_cache  # noqa: E402
+
+# inductor settings on top of the server's own (compile_options.configure_inductor)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "coordinate": {"coordinate_descent_tuning": True},
+    "autotune": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
+                 "coordinate_descent_tuning": True},
+}
+# name -> what it is; in the order compiled (the 1-stream default's calls first)
+CALLS = {
+    "unet+controlnet b1": "one ControlNet+UNet step, 1 stream with the defaults (2 of them a frame)",
+    "vae_decode b1": "the full fp16-fix VAE decoder, 1 frame",
+    "vae_encode b1": "the tiny encoder (TAESDXL), 1 frame",
+    "depth b1": "Depth-Anything-V2-Small, 1 frame",
+    "unet b8": "one UNet step without ControlNet, 8 frames (8 streams, --no-controlnet)",
+    "unet b8 symbolic": "the same with a symbolic batch dimension (compile=full's second batch size)",
+}
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+    import torch._inductor.config as inductor_config
+    from torch.utils._pytree import tree_flatten
+
+    from service import codec
+    from service.processors import create_processor
+    from service.processors.accel import capture
+    from service.processors.compile_options import configure_inductor
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{args.child}-")
+    configure_inductor()
+    for key, value in VARIANTS[args.child].items():
+        setattr(inductor_config, key, value)
+    paths = {k: Path(v) for k, v in json.loads(args.paths).items()}
+    os.environ["HF_HUB_CACHE"] = str(hub_cache(Path(args.models), paths))
+    size = 64 if args.tiny else 512
+    proc = create_processor("lightning", num_steps=2, use_controlnet=True, compile="graphs", batch_sizes="1",
+                            base_model=str(paths["sdxl"]), lightning_unet=str(paths["lightning"]),
+                            controlnet_model=str(paths["sdxl_controlnet"]), depth_model=str(paths["depth"]),
+                            vae_model=str(paths["sdxl_vae_fp16"]), device=args.device, width=size, height=size)
+    cuda = args.device == "cuda"
+    fns = {name: fn.fn for name, fn in proc.accel.functions.items()}  # the plain calls, as compile=full compiles them
+    with torch.inference_mode():
+        frame = torch.from_numpy(codec.decode(make_frames(1, size)[0])).to(args.device)
+        pixels = proc.to_pixels([frame])
+        latents = fns["vae_encode"](pixels)
+        control = fns["depth"](pixels)
+        embeds, added = proc.conditioning([PROMPT])
+        embeds8, added8 = proc.conditioning([PROMPT] * 8)
+        sched = proc.schedule(2, 2)
+        sample = (latents + sched.sigmas[0] * torch.randn_like(latents)).div(
+            (sched.sigmas[0] ** 2 + 1) ** 0.5).to(proc.dtype)
+        sample8 = torch.randn((8, *sample.shape[1:]), device=sample.device).to(proc.dtype)
+        t1, t8 = sched.timesteps[0].expand(1).clone(), sched.timesteps[0].expand(8).clone()
+        calls = {"unet+controlnet b1": ("unet+controlnet", (sample, t1, embeds, control, added)),
+                 "vae_decode b1": ("vae_decode", (latents,)), "vae_encode b1": ("vae_encode", (pixels,)),
+                 "depth b1": ("depth", (pixels,)), "unet b8": ("unet+controlnet", (sample8, t8, embeds8, None, added8)),
+                 "unet b8 symbolic": ("unet+controlnet", (sample8, t8, embeds8, None, added8))}
+        if args.child != "default":
+            del calls["unet b8 symbolic"]
+        pool = torch.cuda.graph_pool_handle() if cuda else None
+        runners: dict[str, dict[str, Any]] = {}
+        out: dict[str, Any] = {"variant": args.child, "settings": VARIANTS[args.child], "calls": {}}
+
+        def runner(fn: Any, fargs: tuple, name: str) -> Any:
+            flat, spec = tree_flatten(fargs)
+            if not cuda:
+                fn(*fargs)
+                return lambda: fn(*fargs)
+            graph = capture(fn, flat, spec, pool, name)
+            return lambda: graph(flat)
+
+        for name, (fn_name, fargs) in calls.items():
+            if time.time() > args.deadline:
+                out["calls"][name] = {"skipped": "past --budget-s"}
+                continue
+            started = time.monotonic()
+            compiled = torch.compile(fns[fn_name], fullgraph=True, dynamic=None if "symbolic" in name else False)
+            if "symbolic" in name:
+                fargs = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in fargs)
+                for x in tree_flatten(fargs)[0]:
+                    if isinstance(x, torch.Tensor) and x.dim():
+                        torch._dynamo.mark_dynamic(x, 0)
+            try:
+                runners[name] = {"compiled": runner(compiled, fargs, f"{name} ({args.child})")}
+            except Exception as exc:  # report it, time the rest
+                out["calls"][name] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+                continue
+            out["calls"][name] = {"compile_s": round(time.monotonic() - started, 1)}
+            if args.child == "default" and "symbolic" not in name:
+                runners[name]["graphs"] = runner(fns[fn_name], fargs, f"{name} (eager kernels)")
+            reference = fns[fn_name](*fargs).float()
+            got = runners[name]["compiled"]().float()
+            out["calls"][name]["rel_err_vs_eager"] = float((got - reference).norm() / reference.norm())
+            progress(f"[{args.child}] {name}: compiled in {out['calls'][name]['compile_s']} s")
+        Path(args.sync, f"ready-{args.child}").write_text("")
+        while not Path(args.sync, f"go-{args.child}").exists():
+            time.sleep(0.2)
+        for name, kinds in runners.items():
+            for kind, fn in kinds.items():
+                out["calls"][name][f"{kind}_ms"] = median_ms(fn, cuda)
+    Path(args.sync, f"result-{args.child}.json").write_text(json.dumps(out))
+
+
+def median_ms(fn: Any, cuda: bool, count: int = 50) -> float:
+    import torch
+
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(count):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1000)
+    return round(statistics.median(times), 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models")
+    parser.add_argument("--out", default="/tmp/gpu_inductor.json")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--budget-s", type=float, default=420, help="children compile nothing new after this")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--sync", help=argparse.SUPPRESS)
+    parser.add_argument("--paths", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.models = args.models or ("/tmp/tiny-models" if args.tiny else "/tmp/real-models")
+    if args.child:
+        child(args)
+        return 0
+    started = time.time()
+    paths = build_models(args)
+    sync = Path(tempfile.mkdtemp(prefix="gpu-inductor-"))
+    variants = [v for v in args.variants.split(",") if v]
+    results: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "calls": CALLS,
+                               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "variants": {}}
+    common = [sys.executable, __file__, "--models", args.models, "--device", args.device, "--sync", str(sync),
+              "--paths", json.dumps({k: str(v) for k, v in paths.items()}), "--deadline", str(started + args.budget_s)]
+    children = {v: subprocess.Popen([*common, "--child", v] + (["--tiny"] if args.tiny else []), cwd=REPO)
+                for v in variants}
+    while any(not (sync / f"ready-{v}").exists() and proc.poll() is None for v, proc in children.items()):
+        time.sleep(0.5)  # every child compiled (or gave up): no timing beside a compile
+    for variant, proc in children.items():  # then in turns: no child times while another does
+        (sync / f"go-{variant}").write_text("")
+        proc.wait()
+        result = sync / f"result-{variant}.json"
+        results["variants"][variant] = json.loads(result.read_text()) if result.exists() else {
+            "error": f"child exited with {proc.returncode}"}
+        progress(f"{variant}: {json.dumps(results['variants'][variant].get('calls'))}")
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
