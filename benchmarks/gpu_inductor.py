@@ -92,6 +92,7 @@ def child(args: argparse.Namespace) -> None:
                  "unet b8 symbolic": ("unet+controlnet", (sample8, t8, embeds8, None, added8))}
         if args.child != "default":
             del calls["unet b8 symbolic"]
+        calls = {name: call for name, call in calls.items() if not args.calls or name in args.calls.split(",")}
         pool = torch.cuda.graph_pool_handle() if cuda else None
         runners: dict[str, dict[str, Any]] = {}
         out: dict[str, Any] = {"variant": args.child, "settings": VARIANTS[args.child], "calls": {}}
@@ -114,7 +115,7 @@ def child(args: argparse.Namespace) -> None:
                 fargs = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in fargs)
                 for x in tree_flatten(fargs)[0]:
                     if isinstance(x, torch.Tensor) and x.dim():
-                        torch._dynamo.mark_dynamic(x, 0)
+                        torch._dynamo.maybe_mark_dynamic(x, 0)  # as automatic dynamic: specialised where needed
             try:
                 runners[name] = {"compiled": runner(compiled, fargs, f"{name} ({args.child})")}
             except Exception as exc:  # report it, time the rest
@@ -132,8 +133,38 @@ def child(args: argparse.Namespace) -> None:
             time.sleep(0.2)
         for name, kinds in runners.items():
             for kind, fn in kinds.items():
-                out["calls"][name][f"{kind}_ms"] = median_ms(fn, cuda)
+                try:
+                    out["calls"][name][f"{kind}_ms"] = median_ms(fn, cuda)
+                except Exception as exc:  # report it, time the rest
+                    out["calls"][name][f"{kind}_error"] = f"{type(exc).__name__}: {exc}"[:400]
+        if args.child == "default" and cuda:
+            out["attention_ms"] = attention(median_ms)
     Path(args.sync, f"result-{args.child}.json").write_text(json.dumps(out))
+
+
+def attention(median_ms: Any) -> dict[str, dict[str, float | str]]:
+    """SDPA by backend on the SDXL UNet's attention shapes at 512 px (head dim 64): 10 heads over 32x32 tokens, 20
+    over 16x16, self and cross (77 text tokens); batch 1 and 8."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out: dict[str, dict[str, float | str]] = {}
+    for batch in (1, 8):
+        for heads, tokens, keys in ((10, 1024, 1024), (10, 1024, 77), (20, 256, 256), (20, 256, 77)):
+            q = torch.randn(batch, heads, tokens, 64, device="cuda", dtype=torch.float16)
+            k = torch.randn(batch, heads, keys, 64, device="cuda", dtype=torch.float16)
+            v = torch.randn_like(k)
+            row = out[f"b{batch} {heads}x{tokens}x{keys}"] = {}
+            for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+                try:
+                    with sdpa_kernel([backend]):
+                        row[backend.name] = median_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
+                                                      True)
+                except Exception as exc:  # a backend this build or shape lacks
+                    row[backend.name] = f"{type(exc).__name__}: {exc}"[:120]
+            row["default"] = median_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), True)
+    return out
 
 
 def median_ms(fn: Any, cuda: bool, count: int = 50) -> float:
@@ -163,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="/tmp/gpu_inductor.json")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--budget-s", type=float, default=420, help="children compile nothing new after this")
+    parser.add_argument("--calls", help=f"a subset of: {', '.join(CALLS)} (default: all)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -181,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "calls": CALLS,
                                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "variants": {}}
     common = [sys.executable, __file__, "--models", args.models, "--device", args.device, "--sync", str(sync),
+              *(["--calls", args.calls] if args.calls else []),
               "--paths", json.dumps({k: str(v) for k, v in paths.items()}), "--deadline", str(started + args.budget_s)]
     children = {v: subprocess.Popen([*common, "--child", v] + (["--tiny"] if args.tiny else []), cwd=REPO)
                 for v in variants}

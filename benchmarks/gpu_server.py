@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--ready-timeout", type=float, default=900.0)
     parser.add_argument("--optimise-timeout", type=float, default=600.0, help="0: measure without waiting for it")
-    parser.add_argument("--while-optimising-streams", type=int, default=1, help="streams --measure-while-optimising drives")
+    parser.add_argument("--while-optimising-streams", type=int, default=1, help="its streams")
     parser.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True, help="first config: warm too")
     parser.add_argument("--measure-while-optimising", action="store_true")
     parser.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True, help="Engine.run batch 8")

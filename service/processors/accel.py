@@ -38,8 +38,10 @@ Why it is built this way:
   a serving thread.
 - Graphs need static shapes: `batches` pads a batch to the next of `batch_sizes` (option or env
   DREAMSTREAM_BATCH_SIZES, default 1,2,4,8) by repeating its last frame and splits bigger ones, so a
-  fixed set of graphs serves any number of streams. The processor's `warmup()` captures every size at
-  start-up, so no viewer waits on a capture.
+  fixed set of graphs serves any number of streams. The processor's `warmup()` captures the smallest size
+  before the server says ready; `capture_later` then has the background thread capture every other size from
+  those calls (their arguments tiled along the batch), seconds later, before it compiles anything: a restart
+  serves sooner (each size costs ~1-3 s of capture), and a second stream rarely waits on a capture.
 - Inductor's compiled code is cached on disk (FX graph and Triton caches under TORCHINDUCTOR_CACHE_DIR,
   default ~/.cache/dreamstream/inductor; set before the first compile, since torch otherwise fills the
   variable with /tmp/torchinductor_USER the first time it looks), so a restart loads compiled code
