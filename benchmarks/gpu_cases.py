@@ -171,8 +171,8 @@ def load_resource(run: Run, key: str) -> Any:
         options.update(width=run.args.size, height=run.args.size)
     engine = Engine(StreamConfig(prompt=PROMPT, processor_type=spec.processor, use_controlnet=spec.controlnet),
                     processor_options={spec.processor: options})
-    proc = engine.processor(spec.processor)  # loads, then warmup(): the smallest batch size
-    proc.wait_optimised()  # the other sizes are captured (and compile=full compiles) in the background: wait
+    proc = engine.processor(spec.processor)  # loads, then warmup(): captures every batch size
+    proc.wait_optimised()  # compile=full compiles in the background: time the finished article
     return LoadedEngine(engine, proc, getattr(proc, "warmup_seconds", None))
 
 

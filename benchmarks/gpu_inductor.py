@@ -37,17 +37,19 @@ from benchmarks.real_models import hub_cache  # noqa: E402
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "coordinate": {"coordinate_descent_tuning": True},
+    # not in the default run: on the H200 its first call alone (GEMM and convolution templates) took over 8 min
     "autotune": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
-                 "coordinate_descent_tuning": True},
+                 "max_autotune_conv_backends": "ATEN", "coordinate_descent_tuning": True},
 }
+DEFAULT_VARIANTS = "default,coordinate"
 # name -> what it is; in the order compiled (the 1-stream default's calls first)
 CALLS = {
     "unet+controlnet b1": "one ControlNet+UNet step, 1 stream with the defaults (2 of them a frame)",
     "vae_decode b1": "the full fp16-fix VAE decoder, 1 frame",
-    "vae_encode b1": "the tiny encoder (TAESDXL), 1 frame",
-    "depth b1": "Depth-Anything-V2-Small, 1 frame",
     "unet b8": "one UNet step without ControlNet, 8 frames (8 streams, --no-controlnet)",
     "unet b8 symbolic": "the same with a symbolic batch dimension (compile=full's second batch size)",
+    "vae_encode b1": "the tiny encoder (TAESDXL), 1 frame",
+    "depth b1": "Depth-Anything-V2-Small, 1 frame",
 }
 
 
@@ -87,14 +89,16 @@ def child(args: argparse.Namespace) -> None:
         sample8 = torch.randn((8, *sample.shape[1:]), device=sample.device).to(proc.dtype)
         t1, t8 = sched.timesteps[0].expand(1).clone(), sched.timesteps[0].expand(8).clone()
         calls = {"unet+controlnet b1": ("unet+controlnet", (sample, t1, embeds, control, added)),
-                 "vae_decode b1": ("vae_decode", (latents,)), "vae_encode b1": ("vae_encode", (pixels,)),
-                 "depth b1": ("depth", (pixels,)), "unet b8": ("unet+controlnet", (sample8, t8, embeds8, None, added8)),
-                 "unet b8 symbolic": ("unet+controlnet", (sample8, t8, embeds8, None, added8))}
+                 "vae_decode b1": ("vae_decode", (latents,)),
+                 "unet b8": ("unet+controlnet", (sample8, t8, embeds8, None, added8)),
+                 "unet b8 symbolic": ("unet+controlnet", (sample8, t8, embeds8, None, added8)),
+                 "vae_encode b1": ("vae_encode", (pixels,)), "depth b1": ("depth", (pixels,))}
         if args.child != "default":
             del calls["unet b8 symbolic"]
         calls = {name: call for name, call in calls.items() if not args.calls or name in args.calls.split(",")}
         pool = torch.cuda.graph_pool_handle() if cuda else None
         runners: dict[str, dict[str, Any]] = {}
+        plain: dict[str, tuple[Any, tuple]] = {}  # the compiled calls themselves, for the kernel profile
         out: dict[str, Any] = {"variant": args.child, "settings": VARIANTS[args.child], "calls": {}}
 
         def runner(fn: Any, fargs: tuple, name: str) -> Any:
@@ -118,6 +122,7 @@ def child(args: argparse.Namespace) -> None:
                         torch._dynamo.maybe_mark_dynamic(x, 0)  # as automatic dynamic: specialised where needed
             try:
                 runners[name] = {"compiled": runner(compiled, fargs, f"{name} ({args.child})")}
+                plain[name] = (compiled, fargs)
             except Exception as exc:  # report it, time the rest
                 out["calls"][name] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
                 continue
@@ -128,6 +133,8 @@ def child(args: argparse.Namespace) -> None:
             got = runners[name]["compiled"]().float()
             out["calls"][name]["rel_err_vs_eager"] = float((got - reference).norm() / reference.norm())
             progress(f"[{args.child}] {name}: compiled in {out['calls'][name]['compile_s']} s")
+        result = Path(args.sync, f"result-{args.child}.json")
+        result.write_text(json.dumps(out))  # what the parent keeps should this child be stopped before its turn
         Path(args.sync, f"ready-{args.child}").write_text("")
         while not Path(args.sync, f"go-{args.child}").exists():
             time.sleep(0.2)
@@ -137,9 +144,38 @@ def child(args: argparse.Namespace) -> None:
                     out["calls"][name][f"{kind}_ms"] = median_ms(fn, cuda)
                 except Exception as exc:  # report it, time the rest
                     out["calls"][name][f"{kind}_error"] = f"{type(exc).__name__}: {exc}"[:400]
-        if args.child == "default" and cuda:
-            out["attention_ms"] = attention(median_ms)
-    Path(args.sync, f"result-{args.child}.json").write_text(json.dumps(out))
+        try:
+            if cuda and "unet+controlnet b1" in plain:
+                out["unet+controlnet b1 kernels_ms"] = kernel_classes(*plain["unet+controlnet b1"])
+            if args.child == "default" and cuda:
+                out["attention_ms"] = attention(median_ms)
+        except Exception as exc:  # keep the timings above
+            out["profile_error"] = f"{type(exc).__name__}: {exc}"[:400]
+    result.write_text(json.dumps(out))
+
+
+def kernel_classes(fn: Any, fargs: tuple, runs: int = 10) -> dict[str, float]:
+    """GPU time of one compiled call by kernel class (torch.profiler over `runs` calls, per call, ms)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(*fargs)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn(*fargs)
+        torch.cuda.synchronize()
+    classes = {"triton (fused pointwise, norms)": ("triton",), "attention": ("flash", "fmha", "attention"),
+               "convolution": ("conv", "fprop", "implicit", "winograd", "cudnn"),
+               "gemm": ("gemm", "nvjet", "cublas", "cutlass", "xmma", "matmul", "_mm")}  # first match wins
+    out: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.name.lower()
+        kind = next((k for k, words in classes.items() if any(w in name for w in words)), "other")
+        out[kind] = out.get(kind, 0.0) + event.time_range.elapsed_us() / 1000 / runs
+    return {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
 def attention(median_ms: Any) -> dict[str, dict[str, float | str]]:
@@ -192,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models")
     parser.add_argument("--out", default="/tmp/gpu_inductor.json")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"of: {', '.join(VARIANTS)}")
     parser.add_argument("--budget-s", type=float, default=420, help="children compile nothing new after this")
+    parser.add_argument("--grace-s", type=float, default=120, help="then a child still compiling is stopped")
     parser.add_argument("--calls", help=f"a subset of: {', '.join(CALLS)} (default: all)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
@@ -219,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
                 for v in variants}
     while any(not (sync / f"ready-{v}").exists() and proc.poll() is None for v, proc in children.items()):
         time.sleep(0.5)  # every child compiled (or gave up): no timing beside a compile
+        if time.time() > started + args.budget_s + args.grace_s:  # a compile that runs on and on: stop it
+            for variant, proc in children.items():
+                if not (sync / f"ready-{variant}").exists():
+                    progress(f"{variant}: still compiling {args.grace_s:.0f} s past --budget-s: stopped")
+                    proc.kill()
+            break
     for variant, proc in children.items():  # then in turns: no child times while another does
         (sync / f"go-{variant}").write_text("")
         proc.wait()

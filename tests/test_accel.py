@@ -111,30 +111,6 @@ def test_full_mode_serves_at_once_and_swaps_in_compiled_calls_from_the_backgroun
     assert np.abs(again[0].astype(int) - reference[0].astype(int)).max() <= 2
 
 
-def test_warmup_serves_after_the_smallest_batch_and_the_background_captures_the_rest(tiny_env, monkeypatch):
-    """With graphs, the warm-up runs batch 1 of each ControlNet setting only (the server is ready seconds sooner);
-    a background thread makes every other batch size of every model call from those calls (arguments tiled), and
-    their signatures are exactly the ones serving uses: batches of 3 and 2 afterwards find every runner they need
-    instead of capturing one on the serving thread (on CPU a runner is the plain call, but the bookkeeping is
-    the GPU's)."""
-    proc = create_processor("lightning", num_steps=2, compile="graphs", batch_sizes="1,2,4", **SIZE)
-    warmed: list[tuple[int, bool]] = []
-    warm_shape = type(proc).warm_shape
-    monkeypatch.setattr(type(proc), "warm_shape", lambda self, request, size: (
-        warmed.append((size, request.use_controlnet)), warm_shape(self, request, size)))
-    proc.warmup()
-    assert warmed == [(1, True), (1, False)]
-    assert proc.wait_optimised(timeout=300)
-    assert "captures_pending" not in proc.optimise_progress()
-    runners = {name: len(fn.fast) for name, fn in proc.accel.functions.items()}
-    assert runners["unet+controlnet"] == 6, runners  # batch 1, 2, 4 with the ControlNet on and off
-    assert all(count == 3 for name, count in runners.items() if name != "unet+controlnet"), runners
-    requests = [FrameRequest(textured_frame(seed=i), f"prompt {i}", 0.7, 2, 10 + i, True) for i in range(3)]
-    proc.process_batch(requests)  # padded to 4
-    proc.process_batch([dataclasses.replace(r, use_controlnet=False) for r in requests[:2]])
-    assert {name: len(fn.fast) for name, fn in proc.accel.functions.items()} == runners
-
-
 def test_inductor_cache_goes_to_our_folder_unless_the_user_chose_one(monkeypatch, tmp_path):
     from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
 

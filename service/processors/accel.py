@@ -38,10 +38,12 @@ Why it is built this way:
   a serving thread.
 - Graphs need static shapes: `batches` pads a batch to the next of `batch_sizes` (option or env
   DREAMSTREAM_BATCH_SIZES, default 1,2,4,8) by repeating its last frame and splits bigger ones, so a
-  fixed set of graphs serves any number of streams. The processor's `warmup()` captures the smallest size
-  before the server says ready; `capture_later` then has the background thread capture every other size from
-  those calls (their arguments tiled along the batch), seconds later, before it compiles anything: a restart
-  serves sooner (each size costs ~1-3 s of capture), and a second stream rarely waits on a capture.
+  fixed set of graphs serves any number of streams. The processor's `warmup()` captures every size at
+  start-up, so no viewer waits on a capture, and no eager-kernel capture ever runs beside other eager work:
+  tried on the H200 (larger sizes captured by a background thread after "ready"), a capture while the serving
+  thread ran eager cuBLAS calls failed (CUBLAS_STATUS_EXECUTION_FAILED, capture invalidated) and left the
+  graph pool unusable ("already recording to mempool_id"). The optimiser's captures are of compiled code
+  while the serving thread replays graphs.
 - Inductor's compiled code is cached on disk (FX graph and Triton caches under TORCHINDUCTOR_CACHE_DIR,
   default ~/.cache/dreamstream/inductor; set before the first compile, since torch otherwise fills the
   variable with /tmp/torchinductor_USER the first time it looks), so a restart loads compiled code
@@ -155,25 +157,6 @@ class _Example:
     flat: list[Any]  # clones of one call's arguments
 
 
-@dataclass
-class _Template:
-    """A call the warm-up made (`Accelerator.collecting`): scaled to the other batch sizes by `capture_later`."""
-
-    spec: Any
-    flat: list[Any]  # clones of the call's arguments
-    record: bool  # the shapes made from it are compiled too (Accelerator.recording when it was seen)
-
-
-def _tiled(flat: list[Any], rows: int) -> list[Any] | None:
-    """`flat` with every batched tensor tiled along dim 0 to `rows` rows; None unless all of them share dim 0 (then
-    the call is not batch-first throughout, and its other shapes are left to their first use)."""
-    batched = [x for x in flat if isinstance(x, torch.Tensor) and x.dim()]
-    if not batched or any(x.shape[0] != batched[0].shape[0] for x in batched):
-        return None
-    return [x.index_select(0, torch.arange(rows, device=x.device) % x.shape[0])
-            if isinstance(x, torch.Tensor) and x.dim() else x for x in flat]
-
-
 class AcceleratedFunction:
     """One model call as the mode runs it, per input signature: the runner serving now (`fast`), replaced by
     the optimiser's compiled runner (`better`) when it is ready. Only the serving thread calls it."""
@@ -185,7 +168,6 @@ class AcceleratedFunction:
         self.fast: dict[Hashable, Any] = {}
         self.better: dict[Hashable, Any] = {}
         self.examples: dict[Hashable, _Example] = {}
-        self.templates: dict[Hashable, _Template] = {}
         self.failed: set[Hashable] = set()
         self.bypass = False  # True: call `fn` directly (profilers, FLOP counters, equivalence checks)
 
@@ -201,9 +183,6 @@ class AcceleratedFunction:
             runner = self.fast.get(key)
             if runner is None:
                 runner = self.fast[key] = self._runner(self.serve_fn, flat, spec, self.accel.pool, "")
-            if self.accel.collecting and key not in self.templates:
-                clones = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat]
-                self.templates[key] = _Template(spec, clones, self.accel.recording)
             if (self.optimised_fn is not None and self.accel.recording and key not in self.examples
                     and key not in self.failed):
                 clones = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat]
@@ -219,31 +198,6 @@ class AcceleratedFunction:
     def todo(self) -> list[tuple[int, Hashable]]:
         return [(ex.order, key) for key, ex in list(self.examples.items())
                 if key not in self.better and key not in self.failed]
-
-    def scaled(self, first: int, sizes: tuple[int, ...]) -> list[tuple[Hashable, list[Any], Any, bool]]:
-        """(key, flat, spec, record) of every call the warm-up made at batch `first`, at each of the other `sizes`
-        (arguments tiled along the batch; CFG's doubled batch stays doubled): what `capture_later` captures."""
-        out = []
-        for template in self.templates.values():
-            rows = _batch_of(template.flat)
-            if rows % first:
-                continue
-            for size in sizes:
-                flat = _tiled(template.flat, rows // first * size) if size != first else None
-                if flat is not None:
-                    key = (template.spec, tuple(_signature(x) for x in flat))
-                    if key not in self.fast:
-                        out.append((key, flat, template.spec, template.record))
-        self.templates = {}
-        return out
-
-    def capture_pending(self, key: Hashable, flat: list[Any], spec: Any, record: bool, pool: Any) -> None:
-        """Capture one shape queued by `capture_later` (background thread), unless the serving thread got there
-        first; a recorded one is compiled next (`full`)."""
-        if key not in self.fast:
-            self.fast.setdefault(key, self._runner(self.serve_fn, flat, spec, pool, ""))
-        if record and self.optimised_fn is not None and key not in self.examples:
-            self.examples[key] = _Example(next(_sequence), spec, flat)
 
     def optimise(self, key: Hashable, pool: Any) -> None:
         """Compile (first call) and capture the optimised variant for one signature, then publish it."""
@@ -290,8 +244,6 @@ class Accelerator:
         # False while warm-up captures shapes nobody may use (the other ControlNet setting): those are
         # optimised only once real frames use them
         self.recording = True
-        self.collecting = False  # True during the warm-up: each call's arguments are kept as `_Template`s
-        self._pending: list[tuple[AcceleratedFunction, Hashable, list[Any], Any, bool]] = []  # capture_later's
         self._can_start = False  # set by the processor's warm-up: no optimising before it
         if mode in ("regional", "full"):
             self.cache_dir = configure_inductor()
@@ -364,26 +316,13 @@ class Accelerator:
 
     # --- the background optimiser -----------------------------------------------------------------
 
-    def capture_later(self, first: int) -> int:
-        """After a warm-up that ran batch `first` only: queue every other batch size of each call it made (arguments
-        tiled) for the background thread, which captures their CUDA graphs while frames are served, before any
-        compiling. A call whose arguments are not batch-first throughout is captured on first use instead. Returns
-        how many shapes were queued."""
-        self.collecting = False
-        for fn in self.functions.values():
-            self._pending += [(fn, *shape) for shape in fn.scaled(first, self.batch_sizes)]
-        return len(self._pending)
-
     def start_optimising(self) -> None:
-        """In a daemon thread: capture the shapes `capture_later` queued, then compile the `full` variant of every
-        signature recorded (and of later ones); called by the warm-up, and again when a new signature is first used
-        after the thread finished."""
-        if not (self.background or self._pending) or not self._can_start or (
-                self._thread is not None and self._thread.is_alive()):
+        """Compile the `full` variant of every signature recorded (and of later ones) in a daemon thread; called
+        by the warm-up, and again when a new signature is first used after the thread finished."""
+        if not self.background or not self._can_start or (self._thread is not None and self._thread.is_alive()):
             return
-        if self.background:
-            done, total = self.progress_info.done, self.progress_info.total
-            self.progress_info = Progress("running", done=done, total=total, started=time.monotonic())
+        done, total = self.progress_info.done, self.progress_info.total
+        self.progress_info = Progress("running", done=done, total=total, started=time.monotonic())
         self._finished.clear()
         self._thread = threading.Thread(target=self._optimise, name="dreamstream-optimiser", daemon=True)
         self._thread.start()
@@ -392,26 +331,7 @@ class Accelerator:
         self._can_start = True
         self.start_optimising()
 
-    def _capture_queued(self) -> None:
-        started, count = time.monotonic(), len(self._pending)
-        while self._pending:
-            fn, key, flat, spec, record = self._pending.pop(0)
-            try:
-                with torch.inference_mode():
-                    fn.capture_pending(key, flat, spec, record, self.pool)
-            except Exception:  # that shape is captured on first use instead, on the serving thread
-                log.exception("capturing %s in the background failed; it is captured when first used", fn.name)
-        log.info("captured the other batch shapes in the background: %d model calls in %.1f s", count,
-                 time.monotonic() - started)
-
     def _optimise(self) -> None:
-        if self._pending:
-            self._capture_queued()
-        if self.background:
-            self._compile()
-        self._finished.set()
-
-    def _compile(self) -> None:
         info = self.progress_info
         if self._pool_better is None:
             self._pool_better = torch.cuda.graph_pool_handle() if self.uses_graphs else None
@@ -457,6 +377,7 @@ class Accelerator:
         self._release = True
         log.info("optimising done in %.0f s: %d of %d model calls compiled%s", info.seconds, info.done,
                  info.total, f", {len(info.errors)} failed (see above)" if info.errors else "")
+        self._finished.set()
 
     def release_superseded(self) -> None:
         """On the serving thread, between batches: once optimising is done, free the eager graphs' memory."""
@@ -481,8 +402,6 @@ class Accelerator:
     def progress(self) -> dict[str, Any]:
         info = self.progress_info
         out: dict[str, Any] = {"state": info.state, "mode": self.mode, "done": info.done, "total": info.total}
-        if self._pending:
-            out["captures_pending"] = len(self._pending)
         if info.started is not None:
             out["seconds"] = round(info.seconds if info.seconds is not None else time.monotonic() - info.started, 1)
         if info.errors:

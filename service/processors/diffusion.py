@@ -102,7 +102,6 @@ class DiffusionProcessor(Processor):
     default_controlnet_scale: ClassVar[float] = 1.0
     upcast_vae: ClassVar[bool] = False  # run a full VAE that says `force_upcast` in fp32 (SDXL's NaNs in fp16)
     tiny_encoder_default: ClassVar[bool] = False  # on CUDA, encode the input with the tiny VAE (see vae.load_encoder)
-    capture_in_background: ClassVar[bool] = True  # warm-up: larger batch sizes captured after "ready" (see warmup)
 
     def __init__(
         self,
@@ -219,8 +218,12 @@ class DiffusionProcessor(Processor):
 
     def noise(self, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
         """The stream's fixed noise (drawn on the CPU, so a seed gives the same frames on any device)."""
-        return self._noise.get_or_make((seed, shape), lambda: torch.randn(
-            (1, *shape), generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32).to(self.device))
+
+        def draw() -> torch.Tensor:
+            generator = torch.Generator("cpu").manual_seed(seed)
+            return torch.randn((1, *shape), generator=generator, dtype=torch.float32).to(self.device)
+
+        return self._noise.get_or_make((seed, shape), draw)
 
     def make_scheduler(self, num_steps: int) -> Any:
         """An EulerDiscreteScheduler with this processor's spacing and prediction type (subclasses)."""
@@ -304,8 +307,9 @@ class DiffusionProcessor(Processor):
         """Hook for step-count dependent weights (lightning swaps its UNet here)."""
 
     def to_pixels(self, frames: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
-        """RGB uint8 frames of any size -> (B, 3, H, W) in [0, 1] on the device; only uint8 crosses the bus (frames
-        nvJPEG decoded, already on the device, are cropped and resized there)."""
+        """RGB uint8 frames of any size -> (B, 3, H, W) in [0, 1] on the device; only uint8 crosses the bus.
+
+        Frames already on the device (decoded by nvJPEG) are cropped and resized there."""
         if all(isinstance(frame, np.ndarray) for frame in frames):
             batch = np.stack([fit_to(frame, self.width, self.height) for frame in frames])
             return torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 255
@@ -374,8 +378,11 @@ class DiffusionProcessor(Processor):
     # --- Processor API ----------------------------------------------------------------------------
 
     def warmup(self) -> None:
-        """Real frames (a gradient, not zeros) so the first viewer doesn't pay for lazy init: with `compile` on, the
-        CUDA graphs of both ControlNet settings are captured here (`regional` compiles), progress in the log."""
+        """Real frames (a gradient, not zeros) so the first viewer doesn't pay for lazy init.
+
+        With `compile` on, one batch of every padded size, with and without the ControlNet (when it is
+        loaded): this is where the CUDA graphs are captured and inductor compiles, with progress in the log.
+        """
         ramp = np.linspace(0, 255, self.width, dtype=np.float32)
         image = np.stack([np.tile(ramp, (self.height, 1))] * 3, axis=-1).astype(np.uint8)
         image[..., 1] = image[..., 1].T if self.width == self.height else image[..., 1]
@@ -387,16 +394,14 @@ class DiffusionProcessor(Processor):
             self.warmup_seconds = time.perf_counter() - start
             log.info("%s warm-up frame: %.0f ms", self.name, self.warmup_seconds * 1000)
             return
-        # The stream's ControlNet setting first (compile=full compiles in that order). With graphs, only the smallest
-        # batch size before serving; the background thread captures the rest from its calls (accel.capture_later).
+        # The stream's own ControlNet setting first, every batch size, then the other setting: the
+        # background optimiser (compile=full) compiles in the same order.
         controlnet = (self.use_controlnet, not self.use_controlnet) if self.controlnet is not None else (False,)
-        sizes = self.accel.batch_sizes
-        later = self.capture_in_background and self.accel.mode in ("graphs", "full") and len(sizes) > 1
-        shapes = [(size, cn) for cn in controlnet for size in (sizes[:1] if later else sizes)]
+        shapes = [(size, cn) for cn in controlnet for size in self.accel.batch_sizes]
         what = "capturing CUDA graphs" if self.accel.background or self.accel.mode == "graphs" else "compiling"
         log.info("%s: %s (compile=%s) for %d batch shapes%s", self.name, what, self.accel.mode, len(shapes),
                  "" if what != "compiling" else "; the first can take minutes")
-        self._warming, self.accel.collecting = True, later
+        self._warming = True
         try:
             for i, (size, cn) in enumerate(shapes, 1):
                 step = time.perf_counter()
@@ -407,9 +412,6 @@ class DiffusionProcessor(Processor):
                 self.on_progress(LOAD_SHARE + (1 - LOAD_SHARE) * i / len(shapes), f"{what}: {i}/{len(shapes)}")
         finally:
             self._warming = False
-        if later:
-            log.info("%s: %d more shapes (batch sizes %s) are captured in the background while serving", self.name,
-                     self.accel.capture_later(sizes[0]), ",".join(map(str, sizes[1:])))
         if self.accel.uses_graphs:
             with CAPTURE_LOCK:  # the eager warm-up runs' blocks: the graphs hold what they need
                 torch.cuda.empty_cache()

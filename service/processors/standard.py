@@ -83,11 +83,6 @@ class StandardProcessor(DiffusionProcessor):
     def uses_cfg(self) -> bool:
         return self.guidance_scale > 1.0
 
-    @property
-    def capture_in_background(self) -> bool:  # type: ignore[override]
-        """Stream batching's passes are not the warm-up's batch-1 calls tiled: it warms every shape before serving."""
-        return not self.stream_batch
-
     def warm_shape(self, request: FrameRequest, size: int) -> None:
         """Stream batching runs the passes at every batch size, but encodes, estimates depth and decodes a few
         frames at a time: warm exactly that (a whole sequential batch of 36 would capture VAE graphs nobody uses).
