@@ -144,10 +144,12 @@ def child(args: argparse.Namespace) -> None:
                     out["calls"][name][f"{kind}_ms"] = median_ms(fn, cuda)
                 except Exception as exc:  # report it, time the rest
                     out["calls"][name][f"{kind}_error"] = f"{type(exc).__name__}: {exc}"[:400]
+                progress(f"[{args.child}] {name} {kind}: {out['calls'][name]}")
+                result.write_text(json.dumps(out))
         try:
-            if cuda and "unet+controlnet b1" in plain:
+            if args.profile and cuda and "unet+controlnet b1" in plain:
                 out["unet+controlnet b1 kernels_ms"] = kernel_classes(*plain["unet+controlnet b1"])
-            if args.child == "default" and cuda:
+            if args.profile and cuda and args.child == "default":
                 out["attention_ms"] = attention(median_ms)
         except Exception as exc:  # keep the timings above
             out["profile_error"] = f"{type(exc).__name__}: {exc}"[:400]
@@ -234,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", help=f"a subset of: {', '.join(CALLS)} (default: all)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--sync-dir", help="where the children leave their results (default: a temp dir)")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="kernel classes of the compiled step, SDPA by backend")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--sync", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
@@ -245,12 +250,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.time()
     paths = build_models(args)
-    sync = Path(tempfile.mkdtemp(prefix="gpu-inductor-"))
+    sync = Path(args.sync_dir or tempfile.mkdtemp(prefix="gpu-inductor-"))
+    sync.mkdir(parents=True, exist_ok=True)
     variants = [v for v in args.variants.split(",") if v]
     results: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "calls": CALLS,
                                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "variants": {}}
     common = [sys.executable, __file__, "--models", args.models, "--device", args.device, "--sync", str(sync),
-              *(["--calls", args.calls] if args.calls else []),
+              *(["--calls", args.calls] if args.calls else []), *([] if args.profile else ["--no-profile"]),
               "--paths", json.dumps({k: str(v) for k, v in paths.items()}), "--deadline", str(started + args.budget_s)]
     children = {v: subprocess.Popen([*common, "--child", v] + (["--tiny"] if args.tiny else []), cwd=REPO)
                 for v in variants}
