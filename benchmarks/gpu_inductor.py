@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import PROMPT, build_models, make_frames, progress  # noqa: E402
+from benchmarks.harness import PROMPT, build_models, make_frames, progress, timer  # noqa: E402
 from benchmarks.real_models import hub_cache  # noqa: E402
 
 # inductor settings on top of the server's own (compile_options.configure_inductor)
@@ -75,6 +74,7 @@ def child(args: argparse.Namespace) -> None:
                             controlnet_model=str(paths["sdxl_controlnet"]), depth_model=str(paths["depth"]),
                             vae_model=str(paths["sdxl_vae_fp16"]), device=args.device, width=size, height=size)
     cuda = args.device == "cuda"
+    median_ms = timer(args.device)
     fns = {name: fn.fn for name, fn in proc.accel.functions.items()}  # the plain calls, as compile=full compiles them
     with torch.inference_mode():
         frame = torch.from_numpy(codec.decode(make_frames(1, size)[0])).to(args.device)
@@ -141,7 +141,7 @@ def child(args: argparse.Namespace) -> None:
         for name, kinds in runners.items():
             for kind, fn in kinds.items():
                 try:
-                    out["calls"][name][f"{kind}_ms"] = median_ms(fn, cuda)
+                    out["calls"][name][f"{kind}_ms"] = median_ms(fn, count=50, warm=5)
                 except Exception as exc:  # report it, time the rest
                     out["calls"][name][f"{kind}_error"] = f"{type(exc).__name__}: {exc}"[:400]
                 progress(f"[{args.child}] {name} {kind}: {out['calls'][name]}")
@@ -197,33 +197,11 @@ def attention(median_ms: Any) -> dict[str, dict[str, float | str]]:
             for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
                 try:
                     with sdpa_kernel([backend]):
-                        row[backend.name] = median_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
-                                                      True)
+                        row[backend.name] = median_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
                 except Exception as exc:  # a backend this build or shape lacks
                     row[backend.name] = f"{type(exc).__name__}: {exc}"[:120]
-            row["default"] = median_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), True)
+            row["default"] = median_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
     return out
-
-
-def median_ms(fn: Any, cuda: bool, count: int = 50) -> float:
-    import torch
-
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(count):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1000)
-    return round(statistics.median(times), 3)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import PROMPT, build_models, free_port, make_frames, progress  # noqa: E402
+from benchmarks.harness import PROMPT, build_models, free_port, make_frames, progress, timer  # noqa: E402
 from benchmarks.real_models import hub_cache  # noqa: E402
 
 IMPORTS = r"""
@@ -110,30 +109,6 @@ def startup(paths: dict[str, Path], args: argparse.Namespace, logs: Path) -> dic
             "%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1000):03d}", "log": str(log_path)})
         progress(f"serve ({label}): ready after {ready} s; log {log_path}")
     return out
-
-
-def timer(device: str):
-    import torch
-
-    def median_ms(fn: Any, count: int = 30, warm: int = 3) -> float:
-        for _ in range(warm):
-            fn()
-        times = []
-        for _ in range(count):
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1000)
-        return round(statistics.median(times), 3)
-
-    return median_ms
 
 
 def stages(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:

@@ -156,6 +156,31 @@ class Server:
 
 
 
+def timer(device: str) -> Callable[..., float]:
+    """median_ms(fn, count, warm): a call's median time in ms, by CUDA events on a GPU (the host clock on a CPU)."""
+    import torch
+
+    def median_ms(fn: Any, count: int = 30, warm: int = 3) -> float:
+        for _ in range(warm):
+            fn()
+        times = []
+        for _ in range(count):
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1000)
+        return round(statistics.median(times), 3)
+
+    return median_ms
+
+
 def timed_median(fn: Callable[[], Any], warm: int, count: int, sync: Callable[[], None]) -> list[float]:
     for _ in range(warm):
         fn()
