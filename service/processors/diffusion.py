@@ -394,13 +394,13 @@ class DiffusionProcessor(Processor):
             self.warmup_seconds = time.perf_counter() - start
             log.info("%s warm-up frame: %.0f ms", self.name, self.warmup_seconds * 1000)
             return
-        # The stream's own ControlNet setting first, every batch size, then the other setting: the
-        # background optimiser (compile=full) compiles in the same order.
+        # The stream's ControlNet setting first, every batch size, then the other: compile=full compiles in that order.
         controlnet = (self.use_controlnet, not self.use_controlnet) if self.controlnet is not None else (False,)
         shapes = [(size, cn) for cn in controlnet for size in self.accel.batch_sizes]
         what = "capturing CUDA graphs" if self.accel.background or self.accel.mode == "graphs" else "compiling"
         log.info("%s: %s (compile=%s) for %d batch shapes%s", self.name, what, self.accel.mode, len(shapes),
-                 "" if what != "compiling" else "; the first can take minutes")
+                 "; the first can take minutes" if what == "compiling" else "" if len(self.accel.batch_sizes) == 1 else
+                 " (up to ~4 s each on an H200; one stream needs batch 1: DREAMSTREAM_BATCH_SIZES=1 starts sooner)")
         self._warming = True
         try:
             for i, (size, cn) in enumerate(shapes, 1):
