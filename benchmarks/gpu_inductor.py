@@ -1,6 +1,8 @@
 """The live path's compiled model calls by inductor setting: what the background compile (compile=full) could buy.
 
-    python benchmarks/gpu_inductor.py --out $OUT/inductor.json --budget-s 420     # on the GPU machine
+    python benchmarks/gpu_inductor.py --budget-s 900 --out $OUT/inductor.json   # GPU; longer than a 10-min device call
+    python benchmarks/gpu_inductor.py --variants default --calls "unet+controlnet b1,vae_decode b1" --no-profile \
+        --budget-s 300 --sync-dir $OUT/inductor --out $OUT/inductor.json   # fits one call (~150 s a UNet compile)
     python benchmarks/gpu_inductor.py --tiny --device cpu --variants default,coordinate --out /tmp/ind.json  # smoke
 
 Each setting of VARIANTS runs in a child process of its own (inductor's settings are global): the lightning processor
@@ -11,7 +13,7 @@ an inductor cache of their own (cold: the compile seconds are real) and time one
 out, so no timing overlaps another child's compile. `default` also times the eager-kernel graphs (what a server serves
 before its compile is done) and batch 8 with a symbolic batch dimension (what compile=full builds for the second batch
 size and serves every larger one with). Every compiled output is checked against the eager call (relative error).
-A child past --budget-s compiles nothing more and times what it has.
+A child past --budget-s compiles nothing more and times what it has; one still compiling --grace-s later is stopped.
 """
 
 from __future__ import annotations
