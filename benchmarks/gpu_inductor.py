@@ -156,6 +156,8 @@ def child(args: argparse.Namespace) -> None:
         except Exception as exc:  # keep the timings above
             out["profile_error"] = f"{type(exc).__name__}: {exc}"[:400]
     result.write_text(json.dumps(out))
+    sys.stdout.flush()
+    os._exit(0)  # not a normal exit: inductor's compile-worker pool can hold one up for minutes
 
 
 def kernel_classes(fn: Any, fargs: tuple, runs: int = 10) -> dict[str, float]:
