@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,8 @@ def child(args: argparse.Namespace) -> None:
                             base_model=str(paths["sdxl"]), lightning_unet=str(paths["lightning"]),
                             controlnet_model=str(paths["sdxl_controlnet"]), depth_model=str(paths["depth"]),
                             vae_model=str(paths["sdxl_vae_fp16"]), device=args.device, width=size, height=size)
-    cuda = args.device == "cuda"
-    median_ms = timer(args.device)
+    cuda = torch.device(args.device).type == "cuda"
+    median_ms = timer("cuda" if cuda else "cpu")
     fns = {name: fn.fn for name, fn in proc.accel.functions.items()}  # the plain calls, as compile=full compiles them
     with torch.inference_mode():
         frame = torch.from_numpy(codec.decode(make_frames(1, size)[0])).to(args.device)
@@ -97,11 +98,12 @@ def child(args: argparse.Namespace) -> None:
                  "vae_encode b1": ("vae_encode", (pixels,)), "depth b1": ("depth", (pixels,))}
         if args.child != "default":
             del calls["unet b8 symbolic"]
-        calls = {name: call for name, call in calls.items() if not args.calls or name in args.calls.split(",")}
+        calls = {name: call for name, call in calls.items() if not args.calls or name in chosen(args.calls, CALLS)}
         pool = torch.cuda.graph_pool_handle() if cuda else None
         runners: dict[str, dict[str, Any]] = {}
         plain: dict[str, tuple[Any, tuple]] = {}  # the compiled calls themselves, for the kernel profile
         out: dict[str, Any] = {"variant": args.child, "settings": VARIANTS[args.child], "calls": {}}
+        result = Path(args.sync, f"result-{args.child}.json")
 
         def runner(fn: Any, fargs: tuple, name: str) -> Any:
             flat, spec = tree_flatten(fargs)
@@ -115,28 +117,30 @@ def child(args: argparse.Namespace) -> None:
             if time.time() > args.deadline:
                 out["calls"][name] = {"skipped": "past --budget-s"}
                 continue
-            started = time.monotonic()
-            compiled = torch.compile(fns[fn_name], fullgraph=True, dynamic=None if "symbolic" in name else False)
-            if "symbolic" in name:
-                fargs = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in fargs)
-                for x in tree_flatten(fargs)[0]:
-                    if isinstance(x, torch.Tensor) and x.dim():
-                        torch._dynamo.maybe_mark_dynamic(x, 0)  # as automatic dynamic: specialised where needed
+            started, symbolic = time.monotonic(), "symbolic" in name
+            compiled = torch.compile(fns[fn_name], fullgraph=True, dynamic=None if symbolic else False)
             try:
+                if symbolic:  # compile here, on the marked arguments: the capture below runs on unmarked copies
+                    fargs = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in fargs)
+                    for x in tree_flatten(fargs)[0]:
+                        if isinstance(x, torch.Tensor) and x.dim():
+                            torch._dynamo.maybe_mark_dynamic(x, 0)  # as automatic dynamic: specialised where needed
+                    compiled(*fargs)
                 runners[name] = {"compiled": runner(compiled, fargs, f"{name} ({args.child})")}
                 plain[name] = (compiled, fargs)
+                out["calls"][name] = {"compile_s": round(time.monotonic() - started, 1)}
+                if args.child == "default" and not symbolic:
+                    runners[name]["graphs"] = runner(fns[fn_name], fargs, f"{name} (eager kernels)")
+                reference = fns[fn_name](*fargs).float()
+                got = runners[name]["compiled"]().float()
+                out["calls"][name]["rel_err_vs_eager"] = float((got - reference).norm() / reference.norm())
             except Exception as exc:  # report it, time the rest
-                out["calls"][name] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+                out["calls"][name] = {**out["calls"].get(name, {}), "error": f"{type(exc).__name__}: {exc}"[:400]}
+                runners.pop(name, None)
                 continue
-            out["calls"][name] = {"compile_s": round(time.monotonic() - started, 1)}
-            if args.child == "default" and "symbolic" not in name:
-                runners[name]["graphs"] = runner(fns[fn_name], fargs, f"{name} (eager kernels)")
-            reference = fns[fn_name](*fargs).float()
-            got = runners[name]["compiled"]().float()
-            out["calls"][name]["rel_err_vs_eager"] = float((got - reference).norm() / reference.norm())
+            finally:
+                result.write_text(json.dumps(out))  # what the parent keeps should this child be stopped
             progress(f"[{args.child}] {name}: compiled in {out['calls'][name]['compile_s']} s")
-        result = Path(args.sync, f"result-{args.child}.json")
-        result.write_text(json.dumps(out))  # what the parent keeps should this child be stopped before its turn
         Path(args.sync, f"ready-{args.child}").write_text("")
         while not Path(args.sync, f"go-{args.child}").exists():
             time.sleep(0.2)
@@ -156,8 +160,15 @@ def child(args: argparse.Namespace) -> None:
         except Exception as exc:  # keep the timings above
             out["profile_error"] = f"{type(exc).__name__}: {exc}"[:400]
     result.write_text(json.dumps(out))
-    sys.stdout.flush()
-    os._exit(0)  # not a normal exit: inductor's compile-worker pool can hold one up for minutes
+
+
+def chosen(names: str, known: Any) -> list[str]:
+    """A comma-separated subset of `known`, checked."""
+    picked = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in picked if name not in known]
+    if unknown:
+        raise SystemExit(f"unknown {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    return picked
 
 
 def kernel_classes(fn: Any, fargs: tuple, runs: int = 10) -> dict[str, float]:
@@ -213,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models")
     parser.add_argument("--out", default="/tmp/gpu_inductor.json")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"of: {', '.join(VARIANTS)}")
-    parser.add_argument("--budget-s", type=float, default=420, help="children compile nothing new after this")
+    parser.add_argument("--budget-s", type=float, default=420,
+                        help="children compile nothing new this long after the start (model build and load included)")
     parser.add_argument("--grace-s", type=float, default=120, help="then a child still compiling is stopped")
     parser.add_argument("--calls", help=f"a subset of: {', '.join(CALLS)} (default: all)")
     parser.add_argument("--device", default="cuda")
@@ -228,13 +240,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.models = args.models or ("/tmp/tiny-models" if args.tiny else "/tmp/real-models")
     if args.child:
-        child(args)
-        return 0
-    started = time.time()
+        code = 0
+        try:
+            child(args)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # not a normal exit: inductor's compile-worker pool can hold one up for minutes
+    variants = chosen(args.variants, VARIANTS)
+    if args.calls:
+        chosen(args.calls, CALLS)
+    started = time.time()  # the budget counts from here: building and loading the models are part of it
     paths = build_models(args)
     sync = Path(args.sync_dir or tempfile.mkdtemp(prefix="gpu-inductor-"))
     sync.mkdir(parents=True, exist_ok=True)
-    variants = [v for v in args.variants.split(",") if v]
+    if any(sync.iterdir()):
+        raise SystemExit(f"--sync-dir {sync} is not empty: an earlier run's files would be taken for this one's")
     results: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "calls": CALLS,
                                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "variants": {}}
     common = [sys.executable, __file__, "--models", args.models, "--device", args.device, "--sync", str(sync),
@@ -252,7 +275,12 @@ def main(argv: list[str] | None = None) -> int:
             break
     for variant, proc in children.items():  # then in turns: no child times while another does
         (sync / f"go-{variant}").write_text("")
-        proc.wait()
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            progress(f"{variant}: still timing after 300 s: stopped")
+            proc.kill()
+            proc.wait()
         result = sync / f"result-{variant}.json"
         results["variants"][variant] = json.loads(result.read_text()) if result.exists() else {
             "error": f"child exited with {proc.returncode}"}

@@ -85,6 +85,31 @@ def free_port() -> int:
 
 # --- timing -----------------------------------------------------------------------------------------
 
+def timer(device: str) -> Callable[..., float]:
+    """median_ms(fn, count, warm): a call's median time in ms, by CUDA events on a GPU (the host clock on a CPU)."""
+    import torch
+
+    def median_ms(fn: Any, count: int = 30, warm: int = 3) -> float:
+        for _ in range(warm):
+            fn()
+        times = []
+        for _ in range(count):
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1000)
+        return round(statistics.median(times), 3)
+
+    return median_ms
+
+
 # --- a real server -----------------------------------------------------------------------------------
 
 def http_get(url: str, timeout: float = 5.0) -> bytes:
@@ -153,32 +178,6 @@ class Server:
 
     def tail(self, lines: int = 50) -> list[str]:
         return self.log_path.read_text(errors="replace").splitlines()[-lines:] if self.log_path.exists() else []
-
-
-
-def timer(device: str) -> Callable[..., float]:
-    """median_ms(fn, count, warm): a call's median time in ms, by CUDA events on a GPU (the host clock on a CPU)."""
-    import torch
-
-    def median_ms(fn: Any, count: int = 30, warm: int = 3) -> float:
-        for _ in range(warm):
-            fn()
-        times = []
-        for _ in range(count):
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1000)
-        return round(statistics.median(times), 3)
-
-    return median_ms
 
 
 def timed_median(fn: Callable[[], Any], warm: int, count: int, sync: Callable[[], None]) -> list[float]:

@@ -259,8 +259,7 @@ class DiffusionProcessor(Processor):
         return list(torch.stack(images).cpu().numpy()) if images else []  # one copy to the host, one sync
 
     def process_batch_on_device(self, requests: list[FrameRequest]) -> list[torch.Tensor]:
-        """`process_batch`, leaving the styled frames (H, W, 3) uint8 on the device (for nvJPEG). Request
-        images may be numpy arrays or uint8 tensors already on the device."""
+        """`process_batch`, the styled (H, W, 3) uint8 frames kept on the device (for nvJPEG); images numpy or on it."""
         self.accel.release_superseded()
         for request in requests:
             self.check_request(request)
@@ -398,9 +397,10 @@ class DiffusionProcessor(Processor):
         controlnet = (self.use_controlnet, not self.use_controlnet) if self.controlnet is not None else (False,)
         shapes = [(size, cn) for cn in controlnet for size in self.accel.batch_sizes]
         what = "capturing CUDA graphs" if self.accel.background or self.accel.mode == "graphs" else "compiling"
+        hint = "" if len(self.accel.batch_sizes) == 1 or getattr(self, "stream_batch", False) else (
+            " (up to ~4 s each on an H200; one stream needs batch 1: DREAMSTREAM_BATCH_SIZES=1 starts sooner)")
         log.info("%s: %s (compile=%s) for %d batch shapes%s", self.name, what, self.accel.mode, len(shapes),
-                 "; the first can take minutes" if what == "compiling" else "" if len(self.accel.batch_sizes) == 1 else
-                 " (up to ~4 s each on an H200; one stream needs batch 1: DREAMSTREAM_BATCH_SIZES=1 starts sooner)")
+                 "; the first can take minutes" if what == "compiling" else hint)
         self._warming = True
         try:
             for i, (size, cn) in enumerate(shapes, 1):
