@@ -98,7 +98,8 @@ def child(args: argparse.Namespace) -> None:
                  "vae_encode b1": ("vae_encode", (pixels,)), "depth b1": ("depth", (pixels,))}
         if args.child != "default":
             del calls["unet b8 symbolic"]
-        calls = {name: call for name, call in calls.items() if not args.calls or name in chosen(args.calls, CALLS)}
+        wanted = chosen(args.calls, CALLS) if args.calls else list(CALLS)
+        calls = {name: call for name, call in calls.items() if name in wanted}
         pool = torch.cuda.graph_pool_handle() if cuda else None
         runners: dict[str, dict[str, Any]] = {}
         plain: dict[str, tuple[Any, tuple]] = {}  # the compiled calls themselves, for the kernel profile
@@ -137,6 +138,7 @@ def child(args: argparse.Namespace) -> None:
             except Exception as exc:  # report it, time the rest
                 out["calls"][name] = {**out["calls"].get(name, {}), "error": f"{type(exc).__name__}: {exc}"[:400]}
                 runners.pop(name, None)
+                plain.pop(name, None)
                 continue
             finally:
                 result.write_text(json.dumps(out))  # what the parent keeps should this child be stopped
